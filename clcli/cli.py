@@ -1,0 +1,375 @@
+"""The ``clcli`` command-line tool: each command parses, calls one library function, prints.
+
+Errors a user can cause end with one message on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help=(
+        "Contrastive and self-supervised representation learning.\n\n"
+        "Train an encoder with a recipe (clcli pretrain --recipe simclr), measure it (clcli eval knn), "
+        "export it (clcli export).  Start with `clcli recipes list`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+eval_app = typer.Typer(
+    help="Evaluate a trained run: weighted kNN or a linear probe on frozen features.", no_args_is_help=True
+)
+recipes_app = typer.Typer(help="List the built-in recipes or show one fully resolved.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+app.add_typer(recipes_app, name="recipes")
+
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables and progress bars.")]
+
+
+def _console(as_json: bool) -> Console:
+    return Console(stderr=True, quiet=as_json)
+
+
+def user_errors(fn: F) -> F:
+    """Turn :class:`~clcli.errors.ClcliError` into one message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from clcli.errors import ClcliError
+
+        try:
+            return fn(*args, **kwargs)
+        except ClcliError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _emit(result: dict[str, Any], as_json: bool, table_title: str | None = None) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    table = Table(title=table_title, show_header=False)
+    for k, v in result.items():
+        table.add_row(str(k), f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+# -------------------------------------------------------------------------------- pretrain
+@app.command()
+@user_errors
+def pretrain(
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe",
+            "-r",
+            help="Built-in recipe name (see `clcli recipes list`) or a path to a YAML recipe. "
+            "With --resume it may be left out: the run folder's recipe is used.",
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Training data: a folder of images (class sub-folders = labels), a parquet/arrow file "
+            "or folder, a save_to_disk folder, hf:NAME for a Hugging Face dataset, or embedded:digits "
+            "(the default, shipped with scikit-learn). Same as --set data.source=...",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Run folder for checkpoints, metrics and the resolved recipe [default: runs/<recipe>]."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="Override any recipe field by its dotted path, e.g. --set trainer.epochs=1 "
+            "--set optim.lr=0.1 --set views.groups.0.size=64. Repeatable; values are read as YAML.",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue the run in --out from its latest checkpoint (exactly where it stopped)."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run in --out instead of refusing.")
+    ] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Do not draw the progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train an encoder with a recipe.
+
+    Prints the resolved schedule, shows a progress bar (loss, learning rate, images/s, ETA), writes
+    metrics.jsonl, recipe.yaml, provenance.json and checkpoints into the run folder. Ctrl-C saves a
+    checkpoint and stops; --resume continues it.
+    """
+    from clcli.assemble import pretrain as run_pretrain
+    from clcli.assemble import read_run_recipe
+    from clcli.errors import ClcliError
+    from clcli.recipe import apply_overrides, load_recipe, validate_recipe
+
+    overrides = list(set_ or [])
+    if data is not None:
+        overrides.append(f"data.source={json.dumps(data)}")
+    if recipe is None:
+        if not (resume and out is not None):
+            raise ClcliError(
+                "give --recipe NAME|PATH (or --resume --out RUN to continue a run); see `clcli recipes list`"
+            )
+        base = read_run_recipe(out)
+        resolved = validate_recipe(apply_overrides(base.to_dict(), overrides))
+    else:
+        resolved = load_recipe(recipe, overrides)
+    run_dir = out or Path("runs") / resolved.name
+    console = _console(as_json)
+    summary = run_pretrain(
+        resolved,
+        run_dir,
+        resume=resume,
+        overwrite=overwrite,
+        console=console,
+        show_progress=not (no_progress or as_json),
+    )
+    if summary.get("interrupted"):
+        console.print(f"stopped at step {summary['steps']}; continue with: clcli pretrain --resume --out {run_dir}")
+    if summary.get("skipped_bad_images"):
+        console.print(f"[yellow]skipped {summary['skipped_bad_images']} unreadable images[/]")
+    _emit(summary, as_json, "run")
+
+
+# ------------------------------------------------------------------------------------ eval
+RunOpt = Annotated[Path, typer.Option("--run", help="The run folder written by `clcli pretrain`.")]
+CkptOpt = Annotated[
+    Path | None, typer.Option("--checkpoint", help="A checkpoint folder of the run [default: its latest].")
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Labelled data to evaluate on (same forms as pretrain --data) [default: the run's training data].",
+    ),
+]
+TrainSplitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--train-split", help="Split whose features are the reference set [default: the recipe's data.train_split]."
+    ),
+]
+TestSplitOpt = Annotated[
+    str | None, typer.Option("--test-split", help="Split that is classified [default: the recipe's data.test_split].")
+]
+FeaturesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--features",
+        help="backbone (pooled encoder output) or embedding (the method's projected embedding) "
+        "[default: the recipe's eval.features].",
+    ),
+]
+TrainLimitOpt = Annotated[int | None, typer.Option("--train-limit", help="Use only the first N reference images.")]
+TestLimitOpt = Annotated[int | None, typer.Option("--test-limit", help="Use only the first N test images.")]
+OutputOpt = Annotated[
+    Path | None, typer.Option("--output", help="Where to write the JSON result [default: RUN/eval/<protocol>.json].")
+]
+
+
+def _check_features(features: str | None) -> None:
+    from clcli.errors import ClcliError
+
+    if features is not None and features not in ("backbone", "embedding"):
+        raise ClcliError(f"--features must be 'backbone' or 'embedding', got {features!r}")
+
+
+@eval_app.command("knn")
+@user_errors
+def eval_knn(
+    run: RunOpt,
+    checkpoint: CkptOpt = None,
+    data: DataOpt = None,
+    train_split: TrainSplitOpt = None,
+    test_split: TestSplitOpt = None,
+    k: Annotated[
+        int | None, typer.Option("--k", min=1, help="Neighbours that vote [default: the recipe's eval.knn_k].")
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            "--temperature",
+            min=1e-6,
+            help="Vote weight exp(similarity / T) [default: the recipe's eval.knn_temperature].",
+        ),
+    ] = None,
+    features: FeaturesOpt = None,
+    train_limit: TrainLimitOpt = None,
+    test_limit: TestLimitOpt = None,
+    output: OutputOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Weighted k-nearest-neighbour accuracy of a run's frozen features (top-1 and top-5).
+
+    Features are L2-normalised; each test image's k most similar reference images vote with weight
+    exp(s/T). The JSON result records k, T, the feature layer, the splits and the checkpoint.
+    """
+    from clcli.evaluate.protocols import knn_eval
+
+    _check_features(features)
+    result = knn_eval(
+        run,
+        checkpoint=checkpoint,
+        data=data,
+        train_split=train_split,
+        test_split=test_split,
+        k=k,
+        temperature=temperature,
+        features=features,
+        train_limit=train_limit,
+        test_limit=test_limit,
+        output=output,
+        console=_console(as_json),
+        show_progress=not as_json,
+    )
+    if not as_json:
+        Console().print(
+            f"kNN (k={result['k']}, T={result['temperature']}, {result['features']} features): "
+            f"top-1 [bold]{result['top1']:.4f}[/]  top-5 {result['top5']:.4f}"
+        )
+    _emit(result, as_json, "knn")
+
+
+@eval_app.command("linear")
+@user_errors
+def eval_linear(
+    run: RunOpt,
+    checkpoint: CkptOpt = None,
+    data: DataOpt = None,
+    train_split: TrainSplitOpt = None,
+    test_split: TestSplitOpt = None,
+    features: FeaturesOpt = None,
+    train_limit: TrainLimitOpt = None,
+    test_limit: TestLimitOpt = None,
+    output: OutputOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Linear probe: logistic regression (L-BFGS) on frozen, pre-extracted features.
+
+    The L2 strength is chosen from the recipe's eval.linear_l2 on a held-out part of the training
+    split, then the classifier is refit on the whole split and scored on the test split.
+    """
+    from clcli.evaluate.protocols import linear_eval
+
+    _check_features(features)
+    result = linear_eval(
+        run,
+        checkpoint=checkpoint,
+        data=data,
+        train_split=train_split,
+        test_split=test_split,
+        features=features,
+        train_limit=train_limit,
+        test_limit=test_limit,
+        output=output,
+        console=_console(as_json),
+        show_progress=not as_json,
+    )
+    if not as_json:
+        Console().print(f"linear probe: top-1 [bold]{result['top1']:.4f}[/]")
+    _emit(result, as_json, "linear probe")
+
+
+# ---------------------------------------------------------------------------------- export
+@app.command()
+@user_errors
+def export(
+    run: RunOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The file to write, e.g. backbone.safetensors.")],
+    checkpoint: CkptOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="Export format (safetensors).")] = "safetensors",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the run's encoder as safetensors with its recipe and input normalisation as metadata.
+
+    Load it back with `clcli.load_backbone(path)`; a torchvision ResNet file also loads with
+    load_state_dict(strict=True) into the torchvision model built the same way (see the README).
+    """
+    from clcli.export import export_run
+
+    result = export_run(run, out, checkpoint=checkpoint, fmt=fmt)
+    _emit(result, as_json, "export")
+
+
+# --------------------------------------------------------------------------------- recipes
+@recipes_app.command("list")
+@user_errors
+def recipes_list(as_json: JsonOpt = False) -> None:
+    """The built-in recipes with their method and description."""
+    from clcli.recipe import read_recipe_file, recipe_names
+
+    rows = []
+    for name in recipe_names():
+        raw = read_recipe_file(name)
+        rows.append(
+            {
+                "name": name,
+                "method": (raw.get("method") or {}).get("name", "?"),
+                "description": raw.get("description", ""),
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("recipe", "method", "description")
+    for r in rows:
+        table.add_row(r["name"], r["method"], r["description"])
+    Console().print(table)
+
+
+@recipes_app.command("show")
+@user_errors
+def recipes_show(
+    name: Annotated[str, typer.Argument(help="Recipe name or YAML path.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Overrides, as for pretrain.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The resolved recipe: every field with its default filled in (YAML, or JSON with --json)."""
+    from clcli.recipe import load_recipe
+
+    recipe = load_recipe(name, list(set_ or []))
+    if as_json:
+        typer.echo(json.dumps(recipe.to_dict(), indent=2))
+    else:
+        typer.echo(recipe.to_yaml())
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""The data-source layer: turn a spec string into images, labels and captions.
+
+``open_source(spec, split)`` gives an :class:`ImageSource` (random access) or, for streamed hub data,
+a :class:`StreamSource`; ``list_splits(spec)`` names the splits for messages.  Importing this package
+pulls in only torch and numpy; :mod:`datasets`, :mod:`torchvision.io` and scikit-learn are imported
+when a source that needs them is opened or decoded.
+"""
+
+from clcli.data.sources import ImageSource, StreamSource, list_splits, open_source
+
+__all__ = ["ImageSource", "StreamSource", "list_splits", "open_source"]

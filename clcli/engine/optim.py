@@ -1,0 +1,128 @@
+"""Optimisers (SGD, AdamW, LARS) built from a method's parameter groups.
+
+Biases and normalisation parameters (every tensor with fewer than two dimensions) are put in
+groups without weight decay and without LARS adaptation, as in SimCLR and BYOL
+(arXiv:2002.05709 appendix B.1; LARS: You et al. 2017, arXiv:1708.03888).  Each optimiser group
+carries ``base_lr_scale`` and ``fixed_lr`` so that the trainer sets every group's learning rate from
+the global step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from clcli.methods.base import ParamGroup
+from clcli.recipe import OptimConfig
+
+
+class LARS(Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling.
+
+    For a group with ``lars=True`` the update of each tensor w with gradient g (weight decay added
+    first) is scaled by the trust ratio η‖w‖ / ‖g + λw‖; groups with ``lars=False`` take plain SGD
+    steps.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+        nesterov: bool = False,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True, nesterov=nesterov)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if group["weight_decay"] != 0:
+                    d = d.add(p, alpha=group["weight_decay"])
+                if group["lars"]:
+                    w_norm = torch.norm(p)
+                    g_norm = torch.norm(d)
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm)
+                    )
+                    d = d.mul(trust)
+                state = self.state[p]
+                if group["momentum"] != 0:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = torch.clone(d).detach()
+                    else:
+                        buf.mul_(group["momentum"]).add_(d)
+                    d = d.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                p.add_(d, alpha=-group["lr"])
+        return loss
+
+
+def optimizer_groups(groups: list[ParamGroup], cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Split each method group into decayed and not-decayed parts; attach scheduling flags."""
+    out: list[dict[str, Any]] = []
+    for g in groups:
+        params = [p for p in g.params if p.requires_grad]
+        if cfg.exclude_bias_norm:
+            regular = [p for p in params if p.ndim > 1]
+            plain = [p for p in params if p.ndim <= 1]
+        else:
+            regular, plain = params, []
+        for part, is_plain in ((regular, False), (plain, True)):
+            if not part:
+                continue
+            decay = g.weight_decay and not is_plain
+            out.append(
+                {
+                    "params": part,
+                    "name": g.name + (".bias_norm" if is_plain else ""),
+                    "weight_decay": cfg.weight_decay if decay else 0.0,
+                    "apply_wd_schedule": decay,
+                    "lars": not is_plain,
+                    "fixed_lr": g.fixed_lr,
+                    "lr_scale": g.lr_scale,
+                }
+            )
+    return out
+
+
+def build_optimizer(groups: list[ParamGroup], cfg: OptimConfig, lr: float) -> Optimizer:
+    param_groups = optimizer_groups(groups, cfg)
+    if not param_groups:
+        raise ValueError("the method has no trainable parameters")
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            param_groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return LARS(
+        param_groups,
+        lr=lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        eta=cfg.lars_eta,
+        nesterov=cfg.nesterov,
+    )
+
+
+def scaled_lr(cfg: OptimConfig, batch_size: int) -> float:
+    """The peak learning rate after the recipe's batch-size scaling rule."""
+    ratio = batch_size / cfg.reference_batch
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * ratio
+    if cfg.lr_scaling == "sqrt":
+        return cfg.lr * ratio**0.5
+    return cfg.lr

@@ -1,0 +1,1 @@
+"""Evaluation of frozen representations: weighted k-nearest-neighbour vote and linear probe."""

@@ -1,0 +1,179 @@
+"""Evaluation protocols on a trained run: weighted kNN and the linear probe on frozen features."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from clcli.assemble import limit_source, load_run, open_data
+from clcli.data import ImageSource
+from clcli.errors import DataError
+from clcli.evaluate.features import FeatureSet, extract_features
+from clcli.evaluate.knn import knn_accuracy
+from clcli.evaluate.linear import linear_probe
+from clcli.methods.base import Method
+from clcli.recipe import Recipe
+
+
+def _open_split(recipe: Recipe, spec: str, split: str, limit: int | None) -> ImageSource:
+    source = open_data(spec, split, recipe.data, streaming=False)
+    if not isinstance(source, ImageSource):
+        raise DataError(f"{spec} split {split!r} cannot be evaluated as a stream")
+    source = limit_source(source, limit)
+    if len(source) == 0:
+        raise DataError(f"split {split!r} of {spec} has no images")
+    if source.labels() is None:
+        raise DataError(f"split {split!r} of {spec} has no labels; evaluation needs labelled images")
+    return source
+
+
+def _features(
+    method: Method,
+    recipe: Recipe,
+    spec: str,
+    splits: tuple[str, str],
+    limits: tuple[int | None, int | None],
+    layer: str,
+    device: torch.device,
+    console: Console | None,
+    show_progress: bool,
+) -> tuple[FeatureSet, FeatureSet, int]:
+    sets = []
+    classes = None
+    for split, limit in zip(splits, limits, strict=True):
+        source = _open_split(recipe, spec, split, limit)
+        classes = classes or source.classes
+        sets.append(
+            extract_features(
+                method,
+                source,
+                recipe,
+                device=device,
+                layer=layer,
+                show_progress=show_progress,
+                console=console,
+                description=f"{split} features",
+            )
+        )
+    train, test = sets
+    assert train.labels is not None and test.labels is not None
+    num_classes = len(classes) if classes else int(max(train.labels.max(), test.labels.max())) + 1
+    return train, test, num_classes
+
+
+def _write(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def knn_eval(
+    run_dir: Path,
+    *,
+    checkpoint: Path | None = None,
+    data: str | None = None,
+    train_split: str | None = None,
+    test_split: str | None = None,
+    k: int | None = None,
+    temperature: float | None = None,
+    features: str | None = None,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    output: Path | None = None,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Weighted kNN (votes exp(s/T) over the top k by cosine similarity) from one split to another."""
+    recipe, method, ckpt_path = load_run(Path(run_dir), checkpoint)
+    device = next(method.parameters()).device
+    spec = data or recipe.data.source
+    splits = (train_split or recipe.data.train_split, test_split or recipe.data.test_split)
+    layer = features or recipe.eval.features
+    k = k or recipe.eval.knn_k
+    t = temperature or recipe.eval.knn_temperature
+    if train_limit is None and data is None:
+        train_limit = recipe.data.limit
+    train, test, num_classes = _features(
+        method, recipe, spec, splits, (train_limit, test_limit), layer, device, console, show_progress
+    )
+    assert train.labels is not None and test.labels is not None
+    scores = knn_accuracy(
+        train.features, train.labels, test.features, test.labels, k=k, temperature=t, num_classes=num_classes
+    )
+    result = {
+        "protocol": "knn",
+        "top1": scores["top1"],
+        "top5": scores["top5"],
+        "k": k,
+        "temperature": t,
+        "features": layer,
+        "feature_dim": int(train.features.shape[1]),
+        "data": spec,
+        "train_split": splits[0],
+        "test_split": splits[1],
+        "train_images": int(train.features.shape[0]),
+        "test_images": int(test.features.shape[0]),
+        "checkpoint": str(ckpt_path),
+        "run": str(run_dir),
+        "method": recipe.method.name,
+        "evaluated": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    _write(result, Path(output) if output else Path(run_dir) / "eval" / "knn.json")
+    return result
+
+
+def linear_eval(
+    run_dir: Path,
+    *,
+    checkpoint: Path | None = None,
+    data: str | None = None,
+    train_split: str | None = None,
+    test_split: str | None = None,
+    features: str | None = None,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    output: Path | None = None,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Logistic regression on frozen, pre-extracted features; L2 strength chosen on held-out train data."""
+    recipe, method, ckpt_path = load_run(Path(run_dir), checkpoint)
+    device = next(method.parameters()).device
+    spec = data or recipe.data.source
+    splits = (train_split or recipe.data.train_split, test_split or recipe.data.test_split)
+    layer = features or recipe.eval.features
+    if train_limit is None and data is None:
+        train_limit = recipe.data.limit
+    train, test, num_classes = _features(
+        method, recipe, spec, splits, (train_limit, test_limit), layer, device, console, show_progress
+    )
+    assert train.labels is not None and test.labels is not None
+    res = linear_probe(
+        train.features,
+        train.labels,
+        test.features,
+        test.labels,
+        num_classes=num_classes,
+        l2_grid=list(recipe.eval.linear_l2),
+        val_fraction=recipe.eval.linear_val_fraction,
+        max_iter=recipe.eval.linear_max_iter,
+        seed=recipe.seed,
+    )
+    result = {
+        **res,
+        "features": layer,
+        "data": spec,
+        "train_split": splits[0],
+        "test_split": splits[1],
+        "checkpoint": str(ckpt_path),
+        "run": str(run_dir),
+        "method": recipe.method.name,
+    }
+    result["protocol"] = "linear"
+    result["protocol_details"] = res.get("protocol")
+    _write(result, Path(output) if output else Path(run_dir) / "eval" / "linear.json")
+    return result

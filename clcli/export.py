@@ -1,0 +1,106 @@
+"""Export a run's encoder as safetensors, and load it back with :func:`load_backbone`.
+
+The file holds the backbone's state dict under the same keys as the torchvision model it was built
+from, plus string metadata: the resolved recipe, the backbone's configuration, the input
+normalisation, the evaluation input size and the feature dimension.  A torchvision ResNet loads
+the tensors with ``load_state_dict(strict=True)`` into the same torchvision model (with the CIFAR
+stem applied where the recipe used it); :func:`load_backbone` rebuilds any exported encoder from
+the file alone, composite ones (several encoders whose features are concatenated) included.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from clcli.assemble import build_backbone, load_run
+from clcli.errors import CheckpointError, ClcliError
+from clcli.recipe import BackboneConfig
+from clcli.registry import METHODS
+
+FORMAT = "clcli-encoder-v1"
+
+
+def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None, fmt: str = "safetensors") -> dict[str, Any]:
+    """Write the run's encoder to ``out``; returns what was written."""
+    if fmt != "safetensors":
+        raise ClcliError(f"unknown export format {fmt!r}; available: safetensors")
+    recipe, method, ckpt_path = load_run(Path(run_dir), checkpoint, device=torch.device("cpu"))
+    tensors = {k: v.contiguous().cpu() for k, v in method.export_tensors().items()}
+    probe = torch.zeros(2, recipe.model.backbone.in_channels, recipe.views.eval_size, recipe.views.eval_size)
+    with torch.no_grad():
+        feature_dim = int(method.features(probe).shape[1])
+    meta = {
+        "format": FORMAT,
+        "kind": "composite" if method.extra_metadata().get("composite") else "backbone",
+        "method": recipe.method.name,
+        "backbone": json.dumps(recipe.model.backbone.model_dump(mode="json")),
+        "recipe": json.dumps(recipe.to_dict()),
+        "mean": json.dumps(list(recipe.views.mean)),
+        "std": json.dumps(list(recipe.views.std)),
+        "input_size": str(recipe.views.eval_size),
+        "feature_dim": str(feature_dim),
+        "checkpoint": str(ckpt_path),
+        "extra": json.dumps(method.extra_metadata()),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(out)
+    return {
+        "out": str(out),
+        "tensors": len(tensors),
+        "feature_dim": feature_dim,
+        "kind": meta["kind"],
+        "checkpoint": str(ckpt_path),
+        "method": recipe.method.name,
+    }
+
+
+def read_export(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"exported file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a safetensors file: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} was not written by `clcli export` (no {FORMAT} metadata)")
+    return tensors, meta
+
+
+def load_backbone(path: str | Path) -> nn.Module:
+    """Rebuild an exported encoder from its file alone.
+
+    Returns an ``nn.Module`` in eval mode whose forward maps normalised images [B, C, H, W] to
+    features [B, D]; its attributes ``mean``, ``std``, ``input_size``, ``feature_dim`` and
+    ``metadata`` say how to feed it.
+    """
+    tensors, meta = read_export(Path(path))
+    extra = json.loads(meta.get("extra", "{}"))
+    if meta.get("kind") == "composite":
+        cls = METHODS.get(meta["method"])
+        model = cls.rebuild_encoder(tensors, meta)  # type: ignore[attr-defined]
+    else:
+        model = build_backbone(BackboneConfig.model_validate(json.loads(meta["backbone"])))
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path} does not match the backbone it describes: {exc}") from None
+    model.eval()
+    model.mean = tuple(json.loads(meta["mean"]))  # type: ignore[assignment]
+    model.std = tuple(json.loads(meta["std"]))  # type: ignore[assignment]
+    model.input_size = int(meta["input_size"])  # type: ignore[assignment]
+    model.feature_dim = int(meta["feature_dim"])  # type: ignore[assignment]
+    model.metadata = {**meta, "extra": extra}  # type: ignore[assignment]
+    return model

@@ -1,0 +1,128 @@
+"""The method interface: what the trainer, evaluation and export know about any method.
+
+A method is an ``nn.Module`` that owns its networks and its state (memory bank, queue, momentum
+encoder, prototypes, centre) as parameters and buffers, so ``state_dict()`` is its whole state
+and checkpoints restore it exactly.  It turns one batch of views into a loss, says which
+parameters go in which optimiser group, and does its own per-step bookkeeping (EMA updates,
+re-normalisation) in :meth:`Method.after_step`.  Nothing about a particular method lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from clcli.recipe import MethodConfig, Recipe
+
+
+@dataclass
+class Batch:
+    """One training batch, already on the device.
+
+    ``views``: one float tensor [B, C, H, W] per view, normalised, in the recipe's declared order;
+    ``view_names``: the group name of each view; ``index``: each image's sample index in the
+    training set (int64 [B]; -1 for a streaming source); ``label``: int64 [B], -1 when unlabelled.
+    """
+
+    views: list[torch.Tensor]
+    view_names: list[str]
+    index: torch.Tensor
+    label: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.index.shape[0])
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ParamGroup:
+    """Parameters with shared optimiser treatment.
+
+    Biases and normalisation parameters are split off by the engine (no weight decay, no LARS
+    adaptation) when the recipe says so; ``fixed_lr`` keeps the group at the peak learning rate
+    (SimSiam's predictor); ``lr_scale`` multiplies the scheduled rate.
+    """
+
+    name: str
+    params: list[nn.Parameter]
+    fixed_lr: bool = False
+    lr_scale: float = 1.0
+    weight_decay: bool = True
+
+
+@dataclass
+class BuildContext:
+    """What a method may know about the run when it is built."""
+
+    recipe: Recipe
+    build_backbone: Callable[[], nn.Module]
+    dataset_size: int | None
+    num_classes: int | None
+    steps_per_epoch: int
+    total_steps: int
+    epochs_to_steps: Callable[[float], int]
+    device: torch.device
+
+
+class Method(nn.Module):
+    """Base class of every method; subclasses set ``config_class`` and implement :meth:`training_step`."""
+
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_index: ClassVar[bool] = False
+    paper: ClassVar[str] = ""
+
+    backbone: nn.Module
+
+    def __init__(self, cfg: MethodConfig, ctx: BuildContext) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    # -- training -------------------------------------------------------------------------
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimiser step with the step just taken (EMA updates and the like)."""
+
+    def on_epoch_start(self, epoch: int, step: int) -> dict[str, float]:
+        """Called before each epoch; returns metrics to log."""
+        return {}
+
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("all", [p for p in self.parameters() if p.requires_grad])]
+
+    def schedule_summary(self) -> dict[str, str]:
+        """The method's resolved schedules, printed at the start of a run."""
+        return {}
+
+    # -- evaluation and export ------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Representation for evaluation (kNN, linear probe): the backbone's pooled output."""
+        return self.backbone(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The projected embedding (``--features embedding``); defaults to the features."""
+        return self.features(x)
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors ``clcli export`` writes: the backbone's state dict."""
+        return {k: v.detach() for k, v in self.backbone.state_dict().items()}
+
+    @staticmethod
+    def frozen(modules: Iterable[nn.Module]) -> None:
+        for m in modules:
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def extra_metadata(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,5 @@
+"""Views: augmentation declared as data (a list of view groups) and built on torchvision.transforms.v2."""
+
+from clcli.views.pipelines import ViewMaker, augment_pipeline, center_pipeline, normalize_batch
+
+__all__ = ["ViewMaker", "augment_pipeline", "center_pipeline", "normalize_batch"]

@@ -1,0 +1,153 @@
+"""The training loop: learning, exact resume, atomic checkpoints, non-finite losses, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+
+from clcli.assemble import load_run, prepare_training, pretrain
+from clcli.engine import checkpoint as ckpt
+from clcli.errors import ClcliError, TrainingError
+from clcli.methods.base import StepOutput
+
+from .helpers import tiny_recipe
+
+
+def losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_simclr_steps_lower_the_loss_on_real_images(tmp_path):
+    # one fixed batch of real images, many steps: the contrastive loss must fall clearly
+    recipe = tiny_recipe(
+        "trainer.steps=30",
+        "data.limit=64",
+        "trainer.batch_size=64",
+        "optim.lr=0.5",
+        "optim.schedule=constant",
+        "views.groups.0.crop_scale=[0.5, 1.0]",
+        "method.temperature=0.2",
+    )
+    pretrain(recipe, tmp_path / "run")
+    seq = losses(tmp_path / "run")
+    assert len(seq) == 30
+    assert sum(seq[-5:]) / 5 < sum(seq[:5]) / 5 - 0.3
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_reproduces_the_uninterrupted_loss_sequence_bitwise(tmp_path, workers):
+    recipe = tiny_recipe(f"data.num_workers={workers}", "trainer.steps=7", "trainer.checkpoint_every=2")
+    pretrain(recipe, tmp_path / "full")
+    full = losses(tmp_path / "full")
+
+    stages = prepare_training(recipe, tmp_path / "cut")
+    summary = stages.trainer.fit(stop_after=3)  # mid-epoch (8 batches per epoch), as Ctrl-C would
+    assert summary["interrupted"] and summary["steps"] == 3
+    pretrain(recipe, tmp_path / "cut", resume=True)
+    assert losses(tmp_path / "cut") == full  # bitwise: json floats round-trip exactly
+
+
+def test_resume_across_an_epoch_boundary(tmp_path):
+    recipe = tiny_recipe("data.limit=96", "trainer.steps=7")  # 3 steps per epoch
+    pretrain(recipe, tmp_path / "full")
+    stages = prepare_training(recipe, tmp_path / "cut")
+    stages.trainer.fit(stop_after=3)
+    pretrain(recipe, tmp_path / "cut", resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_resume_refuses_another_recipe_and_existing_runs_are_kept(tmp_path):
+    recipe = tiny_recipe("trainer.steps=2")
+    pretrain(recipe, tmp_path / "run")
+    with pytest.raises(ClcliError, match="already holds a run"):
+        pretrain(recipe, tmp_path / "run")
+    with pytest.raises(ClcliError, match="method.temperature"):
+        pretrain(tiny_recipe("trainer.steps=2", "method.temperature=0.2"), tmp_path / "run", resume=True)
+    assert ckpt.latest_checkpoint(tmp_path / "run") is not None
+
+
+def test_checkpoint_killed_mid_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    recipe = tiny_recipe("trainer.steps=4", "trainer.checkpoint_every=2")
+    stages = prepare_training(recipe, tmp_path / "run")
+    real_save = ckpt.save_file
+    calls = {"n": 0}
+
+    def dying_save(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second checkpoint's model file: write half of it, then die
+            real_save(tensors, path, *a, **k)
+            with open(path, "r+b") as f:
+                f.truncate(100)
+            raise KeyboardInterrupt("killed")
+        return real_save(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        stages.trainer.fit()
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    assert latest is not None and latest.name == "step-00000002"
+    recipe2, method, path = load_run(tmp_path / "run")
+    assert path == latest
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+    pretrain(recipe, tmp_path / "run", resume=True)  # the run continues from step 2
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-00000004"
+
+
+def test_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path):
+    recipe = tiny_recipe("trainer.steps=6", "trainer.checkpoint_every=2", "trainer.log_every=3")
+    stages = prepare_training(recipe, tmp_path / "run")
+    method = stages.method
+    original = method.training_step
+
+    def poisoned(batch, step):
+        out = original(batch, step)
+        return StepOutput(out.loss * float("nan")) if step == 2 else out
+
+    method.training_step = poisoned  # type: ignore[method-assign]
+    with pytest.raises(TrainingError, match="non-finite"):
+        stages.trainer.fit()
+    # step 2's checkpoint was written before the poisoned step; nothing after it
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-00000002"
+    for p in (tmp_path / "run" / "checkpoints").glob("step-*"):
+        state = ckpt.load_model_state(p)
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_ctrl_c_saves_and_stops_cleanly(tmp_path):
+    recipe = tiny_recipe("trainer.steps=6")
+    stages = prepare_training(recipe, tmp_path / "run")
+    method = stages.method
+    original = method.after_step
+
+    def interrupt(step):
+        original(step)
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    method.after_step = interrupt  # type: ignore[method-assign]
+    summary = stages.trainer.fit()
+    assert summary["interrupted"] and summary["steps"] == 2
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-00000002"
+
+
+def test_gradient_accumulation_and_bf16_run(tmp_path):
+    recipe = tiny_recipe(
+        "trainer.steps=2", "trainer.accumulate=2", "trainer.precision=bf16", "trainer.channels_last=true"
+    )
+    summary = pretrain(recipe, tmp_path / "run")
+    assert summary["steps"] == 2 and summary["images"] == 2 * 2 * 32
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_run_folder_records_recipe_and_provenance(tmp_path):
+    recipe = tiny_recipe("trainer.steps=1")
+    pretrain(recipe, tmp_path / "run")
+    prov = json.loads((tmp_path / "run" / "provenance.json").read_text())
+    assert prov["recipe_hash"] == recipe.digest()
+    assert {"clcli", "torch", "torchvision", "git_commit"} <= set(prov)
+    assert "trainer:" in (tmp_path / "run" / "recipe.yaml").read_text()
