@@ -174,6 +174,8 @@ def build_method(recipe: Recipe, plan: Any, source: ImageSource | StreamSource, 
         total_steps=plan.total_steps,
         epochs_to_steps=plan.epochs_to_steps,
         device=device,
+        train_source=source if isinstance(source, ImageSource) else None,
+        class_names=list(source.classes) if source.classes else None,
     )
     return cls(recipe.method, ctx)
 
@@ -216,7 +218,7 @@ def prepare_training(
     method = build_method(recipe, plan, source, device)
     stream_factory = None
     if isinstance(source, ImageSource):
-        dataset: Any = ViewsDataset(source, views, data.skip_bad_images)
+        dataset: Any = ViewsDataset(source, views, data.skip_bad_images, with_text=getattr(method, "needs_text", False))
     else:
         dataset = None
         stream_source = source

@@ -46,17 +46,29 @@ class Registry:
         for ep in entry_points(group=self.group):
             self._entries.setdefault(ep.name, ep)
 
+    @staticmethod
+    def _available(entry: Any) -> bool:
+        """A built-in given by import path is listed only when its module is present."""
+        if not isinstance(entry, str):
+            return True
+        from importlib.util import find_spec
+
+        try:
+            return find_spec(entry.partition(":")[0]) is not None
+        except ModuleNotFoundError:
+            return False
+
     def names(self) -> list[str]:
         self._load_plugins()
-        return sorted(self._entries)
+        return sorted(n for n, e in self._entries.items() if self._available(e))
 
     def __contains__(self, name: str) -> bool:
         self._load_plugins()
-        return name in self._entries
+        return name in self._entries and self._available(self._entries[name])
 
     def get(self, name: str) -> Any:
         self._load_plugins()
-        if name not in self._entries:
+        if name not in self._entries or not self._available(self._entries[name]):
             raise RecipeError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
         entry = self._entries[name]
         if isinstance(entry, str):
@@ -77,7 +89,23 @@ BACKBONES = Registry("backbone", "clcli.backbones")
 SOURCES = Registry("data source", "clcli.sources")
 VIEWS = Registry("view pipeline", "clcli.views")
 
-METHODS.register("simclr", "clcli.methods.simclr:SimCLR")
+# Built-in methods: one module per method under clcli/methods.
+for _name, _target in {
+    "simclr": "simclr:SimCLR",
+    "instdisc": "instdisc:InstDisc",
+    "invaspread": "invaspread:InvaSpread",
+    "moco": "moco:MoCo",
+    "mocov3": "mocov3:MoCoV3",
+    "cpc": "cpc:CPC",
+    "cmc": "cmc:CMC",
+    "deepcluster": "deepcluster:DeepCluster",
+    "swav": "swav:SwAV",
+    "byol": "byol:BYOL",
+    "simsiam": "simsiam:SimSiam",
+    "dino": "dino:DINO",
+    "clip": "clip:CLIP",
+}.items():
+    METHODS.register(_name, f"clcli.methods.{_target}")
 
 for _depth in (18, 34, 50):
     BACKBONES.register(f"resnet{_depth}", "clcli.models.backbones:build_backbone")

@@ -41,17 +41,28 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, num_batches: int | None = None
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        num_batches: int | None = None,
+        order: torch.Tensor | None = None,
     ) -> None:
         self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
-        full = n // batch_size
+        self.order = order
+        full = (n if order is None else len(order)) // batch_size
         self.num_batches = full if num_batches is None else min(num_batches, full)
 
     def __len__(self) -> int:
         return max(self.num_batches - self.start, 0)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        perm = epoch_permutation(self.n, self.seed, self.epoch).tolist()
+        if self.order is not None:
+            perm = self.order.tolist()
+        else:
+            perm = epoch_permutation(self.n, self.seed, self.epoch).tolist()
         for b in range(self.start, self.num_batches):
             idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
             yield [(i, sample_seed(self.seed, self.epoch, i)) for i in idx]
@@ -62,6 +73,7 @@ class Sample:
     views: list[torch.Tensor]
     index: int
     label: int
+    text: str | None = None
 
 
 def _augment(views: ViewMaker, image: torch.Tensor, seed: int) -> list[torch.Tensor]:
@@ -73,8 +85,10 @@ def _augment(views: ViewMaker, image: torch.Tensor, seed: int) -> list[torch.Ten
 class ViewsDataset(Dataset):
     """Map-style: (index, seed) -> the image's views, or None for a skipped bad image."""
 
-    def __init__(self, source: ImageSource, views: ViewMaker, skip_bad_images: bool = False) -> None:
-        self.source, self.views, self.skip_bad_images = source, views, skip_bad_images
+    def __init__(
+        self, source: ImageSource, views: ViewMaker, skip_bad_images: bool = False, with_text: bool = False
+    ) -> None:
+        self.source, self.views, self.skip_bad_images, self.with_text = source, views, skip_bad_images, with_text
 
     def __len__(self) -> int:
         return len(self.source)
@@ -87,7 +101,8 @@ class ViewsDataset(Dataset):
             if self.skip_bad_images:
                 return None
             raise
-        return Sample(_augment(self.views, image, seed), index, self.source.label(index))
+        text = self.source.text(index) if self.with_text else None
+        return Sample(_augment(self.views, image, seed), index, self.source.label(index), text)
 
 
 class StreamViewsDataset(IterableDataset):
@@ -111,7 +126,7 @@ class StreamViewsDataset(IterableDataset):
                     yield None
                     continue
                 raise BadImageError(record[3])
-            yield Sample(_augment(self.views, image, sample_seed(self.seed, 0, position)), -1, label)
+            yield Sample(_augment(self.views, image, sample_seed(self.seed, 0, position)), -1, label, record[2])
 
 
 @dataclass
@@ -120,6 +135,7 @@ class CollatedBatch:
     index: torch.Tensor
     label: torch.Tensor
     skipped: int
+    text: list[str | None] | None = None
 
 
 def collate(samples: list[Sample | None]) -> CollatedBatch:
@@ -130,7 +146,8 @@ def collate(samples: list[Sample | None]) -> CollatedBatch:
     views = [torch.stack([s.views[v] for s in good]) for v in range(len(good[0].views))]
     index = torch.tensor([s.index for s in good], dtype=torch.long)
     label = torch.tensor([s.label for s in good], dtype=torch.long)
-    return CollatedBatch(views, index, label, skipped)
+    text = [s.text for s in good] if any(s.text is not None for s in good) else None
+    return CollatedBatch(views, index, label, skipped, text)
 
 
 def epoch_loader(
@@ -141,13 +158,14 @@ def epoch_loader(
     start: int,
     num_workers: int,
     num_batches: int | None = None,
+    order: torch.Tensor | None = None,
 ) -> DataLoader:
     """A DataLoader for one epoch from batch ``start``.
 
     It gets a generator of its own, so creating it (at an epoch start, or mid-epoch on resume) never
     draws from the global RNG that methods use.
     """
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed, epoch, start, num_batches)
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed, epoch, start, num_batches, order)
     return DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from clcli.engine import checkpoint as ckpt
-from clcli.engine.loader import CollatedBatch, ViewsDataset, epoch_loader, stream_loader
+from clcli.engine.loader import CollatedBatch, ViewsDataset, epoch_loader, sample_seed, stream_loader
 from clcli.engine.optim import build_optimizer, scaled_lr
 from clcli.errors import CheckpointError, TrainingError
 from clcli.methods.base import Batch, Method
@@ -205,7 +205,7 @@ class Trainer:
             for v in cb.views
         ]
         names = [g.name for g in r.views.groups for _ in range(g.count)]
-        return Batch(views, names, cb.index.to(self.device), cb.label.to(self.device))
+        return Batch(views, names, cb.index.to(self.device), cb.label.to(self.device), cb.text)
 
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
@@ -227,6 +227,8 @@ class Trainer:
             skip = self.state.step * r.trainer.accumulate * r.trainer.batch_size
             return stream_loader(self.stream_dataset_factory(skip), r.trainer.batch_size, r.data.num_workers)
         assert isinstance(self.dataset, ViewsDataset)
+        generator = torch.Generator().manual_seed(sample_seed(r.seed, self.state.epoch, -3))
+        order = self.method.epoch_order(self.state.epoch, generator)
         return epoch_loader(
             self.dataset,
             r.trainer.batch_size,
@@ -235,6 +237,7 @@ class Trainer:
             self.state.position,
             r.data.num_workers,
             num_batches=self.plan.batches_per_epoch,
+            order=order,
         )
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -297,6 +300,7 @@ class Trainer:
                     if micro < acc:
                         continue
                     micro = 0
+                    self.method.before_step(s.step)
                     if r.optim.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(self.method.parameters(), r.optim.grad_clip)
                     self.optimizer.step()

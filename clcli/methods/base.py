@@ -23,15 +23,18 @@ from clcli.recipe import MethodConfig, Recipe
 class Batch:
     """One training batch, already on the device.
 
-    ``views``: one float tensor [B, C, H, W] per view, normalised, in the recipe's declared order;
-    ``view_names``: the group name of each view; ``index``: each image's sample index in the
-    training set (int64 [B]; -1 for a streaming source); ``label``: int64 [B], -1 when unlabelled.
+    ``views``: one float tensor [B, ..., C, H, W] per view, normalised, in the recipe's declared
+    order (a patch-grid view has extra dimensions before C); ``view_names``: the group name of each
+    view; ``index``: each image's sample index in the training set (int64 [B]; -1 for a streaming
+    source); ``label``: int64 [B], -1 when unlabelled; ``text``: the images' captions when the
+    method asks for them (``needs_text``), else None.
     """
 
     views: list[torch.Tensor]
     view_names: list[str]
     index: torch.Tensor
     label: torch.Tensor
+    text: list[str | None] | None = None
 
     @property
     def size(self) -> int:
@@ -72,13 +75,16 @@ class BuildContext:
     total_steps: int
     epochs_to_steps: Callable[[float], int]
     device: torch.device
+    train_source: Any = None  # the ImageSource being trained on (None when streaming or rebuilding for eval)
+    class_names: list[str] | None = None
 
 
 class Method(nn.Module):
     """Base class of every method; subclasses set ``config_class`` and implement :meth:`training_step`."""
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
-    needs_index: ClassVar[bool] = False
+    needs_index: ClassVar[bool] = False  # per-image state addressed by sample index (memory banks)
+    needs_text: ClassVar[bool] = False  # the batch carries captions (CLIP)
     paper: ClassVar[str] = ""
 
     backbone: nn.Module
@@ -91,8 +97,20 @@ class Method(nn.Module):
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         raise NotImplementedError
 
+    def before_step(self, step: int) -> None:
+        """Called after the backward pass and before the optimiser step (e.g. cancel a frozen layer's gradient)."""
+
     def after_step(self, step: int) -> None:
         """Called after every optimiser step with the step just taken (EMA updates and the like)."""
+
+    def epoch_order(self, epoch: int, generator: torch.Generator) -> torch.Tensor | None:
+        """The sample indices of one epoch, in order, or None for a uniform random permutation.
+
+        Called at every epoch start and again on resume mid-epoch, so it must depend only on
+        checkpointed state and ``generator`` (seeded from the recipe seed and the epoch).  Indices
+        may repeat (DeepCluster samples uniformly over clusters).
+        """
+        return None
 
     def on_epoch_start(self, epoch: int, step: int) -> dict[str, float]:
         """Called before each epoch; returns metrics to log."""

@@ -88,11 +88,11 @@ class ViewMaker:
 def normalize_batch(
     x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], *, channels_last: bool = False
 ) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> float32, scaled to [0, 1] and normalised per channel (on x's device)."""
-    c = x.shape[1]
-    m = torch.tensor(mean[:c], device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std[:c], device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    """uint8 [..., C, H, W] -> float32, scaled to [0, 1] and normalised per channel (on x's device)."""
+    c = x.shape[-3]
+    m = torch.tensor(mean[:c], device=x.device, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std[:c], device=x.device, dtype=torch.float32).view(-1, 1, 1)
     out = (x.float() / 255.0 - m) / s
-    if channels_last:
+    if channels_last and out.dim() == 4:
         out = out.contiguous(memory_format=torch.channels_last)
     return out

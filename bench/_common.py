@@ -1,0 +1,56 @@
+"""Shared pieces of the benchmarks: result files and the environment record."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+
+
+def environment() -> dict[str, Any]:
+    import torchvision
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "machine": platform.machine(),
+        "git_commit": commit,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def merge_results(path: Path, rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Add rows to a JSON results file, replacing earlier rows with the same key."""
+    existing: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
+    new_keys = {tuple(r.get(k) for k in key) for r in rows}
+    kept = [r for r in existing if tuple(r.get(k) for k in key) not in new_keys]
+    merged = kept + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    return merged
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,108 @@
+"""Quality benchmark: kNN top-1 on CIFAR-10 after a fixed training budget.
+
+The budget (the foundation issue's): one epoch of the CIFAR-10 train split (50,000 images) at
+batch 128 in bf16, then weighted kNN (k = 200, T = 0.1, backbone features) from the train split
+to the test split.  ``untrained`` scores the randomly initialised backbone of the same recipe.
+
+    python bench/quality.py simclr untrained --seed 0
+    python bench/quality.py moco-v2 --epochs 4            # a method that starts slowly
+
+Results are merged into bench/results/quality.json and the table bench/results/quality.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from _common import CIFAR, ROOT, environment, markdown_table, merge_results
+from rich.console import Console
+
+from clcli.assemble import prepare_training, pretrain
+from clcli.evaluate.protocols import knn_eval
+from clcli.recipe import load_recipe
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def budget_overrides(args: argparse.Namespace) -> list[str]:
+    return [
+        f"data.source={args.data / 'train.parquet'}",
+        f"trainer.epochs={args.epochs}",
+        f"trainer.batch_size={args.batch}",
+        f"trainer.precision={args.precision}",
+        f"seed={args.seed}",
+        f"data.num_workers={args.workers}",
+        "trainer.checkpoint_every=100000",
+        "trainer.log_every=20",
+    ]
+
+
+def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
+    recipe_name = args.baseline_recipe if name == "untrained" else name
+    recipe = load_recipe(recipe_name, budget_overrides(args) + list(args.set or []))
+    run_dir = args.workdir / f"{name}-e{args.epochs}-s{args.seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    start = time.perf_counter()
+    if name == "untrained":
+        stages = prepare_training(recipe, run_dir, console=console)
+        stages.trainer.save()  # the initial weights, evaluated as they are
+        train_seconds = 0.0
+        steps = 0
+    else:
+        summary = pretrain(recipe, run_dir, console=console, show_progress=args.progress)
+        train_seconds = time.perf_counter() - start
+        steps = summary["steps"]
+    result = knn_eval(run_dir, k=args.k, temperature=args.temperature, features="backbone",
+                      test_split="test", train_split="train", console=console, show_progress=args.progress)
+    return {
+        "method": name,
+        "recipe": recipe_name,
+        "backbone": recipe.model.backbone.name,
+        "epochs": args.epochs,
+        "batch": args.batch,
+        "precision": args.precision,
+        "seed": args.seed,
+        "steps": steps,
+        "knn_top1": result["top1"],
+        "knn_top5": result["top5"],
+        "k": args.k,
+        "temperature": args.temperature,
+        "train_seconds": round(train_seconds, 1),
+        "overrides": list(args.set or []),
+        **environment(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("methods", nargs="+", help="recipe names, or 'untrained' for the initial backbone")
+    p.add_argument("--data", type=Path, default=CIFAR, help="folder with train.parquet and test.parquet")
+    p.add_argument("--epochs", type=float, default=1)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--baseline-recipe", default="simclr", help="recipe whose backbone 'untrained' scores")
+    p.add_argument("--set", action="append", help="extra recipe override (repeatable)")
+    p.add_argument("--workdir", type=Path, default=ROOT / "bench" / "work")
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args()
+    console = Console(stderr=True)
+    for name in args.methods:
+        row = run_one(name, args, console)
+        console.print(json.dumps({k: row[k] for k in ("method", "epochs", "seed", "knn_top1", "train_seconds")}))
+        rows = merge_results(RESULTS / "quality.json", [row], ("method", "epochs", "batch", "precision", "seed"))
+        cols = ["method", "backbone", "epochs", "batch", "precision", "seed", "steps", "knn_top1", "knn_top5",
+                "train_seconds", "when"]
+        (RESULTS / "quality.md").write_text(markdown_table(sorted(rows, key=lambda r: (r["epochs"], r["method"])), cols))
+
+
+if __name__ == "__main__":
+    main()

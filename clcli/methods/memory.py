@@ -1,0 +1,94 @@
+"""Per-image memory banks and FIFO queues: the shared state of memory-based methods.
+
+:class:`MemoryBank` is InstDisc's non-parametric memory (arXiv:1805.01978 §3.1), also CMC's
+(arXiv:1906.05849): one L2-normalised vector per training image, addressed by sample index and
+updated with momentum after the loss.  :class:`FeatureQueue` is MoCo's dictionary
+(arXiv:1911.05722 §3.2), also SwAV's feature queue: the latest K vectors, oldest replaced first.
+Both keep their contents as buffers, so checkpoints save and restore them exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MemoryBank(nn.Module):
+    """``size`` vectors of ``dim``, L2-normalised, initialised uniformly at random and normalised."""
+
+    def __init__(self, size: int, dim: int, momentum: float = 0.5, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f"a memory bank needs a positive size and dimension, got {size} x {dim}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"bank momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        bound = 1.0 / math.sqrt(dim / 3)
+        init = torch.rand(size, dim, generator=generator).mul_(2 * bound).sub_(bound)
+        self.register_buffer("vectors", F.normalize(init, dim=1))
+
+    @property
+    def size(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def get(self, index: torch.Tensor) -> torch.Tensor:
+        """The stored vectors of the given sample indices (a copy, no gradient)."""
+        return self.vectors.index_select(0, index).detach().clone()
+
+    def sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample indices drawn uniformly with replacement (noise / negatives)."""
+        return torch.randint(0, self.size, shape, device=self.vectors.device, generator=generator)
+
+    @torch.no_grad()
+    def update(self, index: torch.Tensor, features: torch.Tensor) -> None:
+        """v_i ← normalise(m·v_i + (1 − m)·f_i) for the batch's rows only."""
+        f = F.normalize(features.detach().float(), dim=1)
+        mixed = self.vectors.index_select(0, index) * self.momentum + f * (1.0 - self.momentum)
+        self.vectors.index_copy_(0, index, F.normalize(mixed, dim=1))
+
+
+class FeatureQueue(nn.Module):
+    """A FIFO of the latest ``length`` vectors of ``dim`` (any batch size; wraps around)."""
+
+    def __init__(self, length: int, dim: int, init: str = "random", generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if length < 1:
+            raise ValueError(f"queue length must be positive, got {length}")
+        data = torch.randn(length, dim, generator=generator) if init == "random" else torch.zeros(length, dim)
+        self.register_buffer("data", F.normalize(data, dim=1) if init == "random" else data)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @property
+    def length(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def full(self) -> bool:
+        return int(self.count) >= self.length
+
+    def contents(self) -> torch.Tensor:
+        """The stored vectors that have been written (all of them once the queue is full)."""
+        n = min(int(self.count), self.length)
+        return self.data if n >= self.length else self.data[:n]
+
+    @torch.no_grad()
+    def enqueue(self, x: torch.Tensor) -> None:
+        """Write ``x`` [B, dim] over the oldest entries."""
+        x = x.detach().to(self.data.dtype)
+        if x.shape[0] >= self.length:
+            x = x[-self.length :]
+        b = x.shape[0]
+        start = int(self.ptr)
+        end = start + b
+        if end <= self.length:
+            self.data[start:end] = x
+        else:
+            first = self.length - start
+            self.data[start:] = x[:first]
+            self.data[: b - first] = x[first:]
+        self.ptr.fill_(end % self.length)
+        self.count.add_(b)
