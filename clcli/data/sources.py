@@ -309,6 +309,8 @@ def _import_datasets() -> Any:
         import datasets
     except ImportError as exc:  # pragma: no cover - a dependency of the package
         raise DataError(f"reading tables needs the 'datasets' package: {exc}") from None
+    # clcli draws its own progress; the library's per-split bars would interleave with ours
+    datasets.utils.logging.disable_progress_bar()
     return datasets
 
 

@@ -1,0 +1,78 @@
+"""Multi-crop: run a network once per resolution group of views (SwAV arXiv:2006.09882 §3.2; DINO arXiv:2104.14294).
+
+Multi-crop augments each image into a few large (global) crops and several small (local) ones.
+The recipe declares them as view groups (``views.groups``), and the views stage hands them out
+in declared order, group by group.  Running the backbone once per crop wastes the batch
+parallelism; running it once over every crop is impossible when sizes differ.  The papers'
+code therefore concatenates consecutive crops of one resolution and makes one forward pass per
+such run: two passes for ``2 x 32 px + 6 x 16 px``.  BatchNorm statistics are then computed
+over each resolution group, as in the official implementations.
+
+:func:`multicrop_forward` does exactly that and returns one output per view, in declared order;
+:func:`views_of` turns the group names a method's config gives (``code_views: [global]``) into
+view positions, with a clear error for a name the recipe does not declare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from clcli.errors import RecipeError
+from clcli.recipe import ViewGroup
+
+__all__ = ["declared_view_names", "multicrop_forward", "resolution_runs", "views_of"]
+
+
+def resolution_runs(views: Sequence[Tensor]) -> list[tuple[int, int]]:
+    """Half-open ``(start, end)`` ranges of consecutive views that share one shape (apart from the batch)."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(views) + 1):
+        if i == len(views) or views[i].shape[1:] != views[start].shape[1:]:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+def multicrop_forward(network: Callable[[Tensor], Tensor], views: Sequence[Tensor]) -> list[Tensor]:
+    """``network`` applied to every view, one call per run of consecutive same-size views.
+
+    ``views``: tensors ``[B_v, C, H_v, W_v]`` in declared order.  Each run of consecutive views of
+    one shape is concatenated along the batch dimension and passed through ``network`` once; the
+    output ``[sum B_v, ...]`` is split back per view.  Returns one tensor per view, in the order of
+    ``views``.
+    """
+    if len(views) == 0:
+        raise ValueError("multicrop_forward needs at least one view")
+    outputs: list[Tensor] = []
+    for start, end in resolution_runs(views):
+        chunk = views[start:end]
+        out = network(chunk[0] if len(chunk) == 1 else torch.cat(list(chunk), dim=0))
+        outputs.extend(out.split([v.shape[0] for v in chunk], dim=0))
+    return outputs
+
+
+def views_of(view_names: Sequence[str], groups: Sequence[str], what: str = "views") -> list[int]:
+    """The positions of the views whose group name is in ``groups``, in declared order.
+
+    ``view_names``: the group name of each view (``Batch.view_names`` or the recipe's groups
+    expanded by count).  A group name that no view has is a :class:`RecipeError` naming ``what``
+    (the config field) and the groups the recipe declares.
+    """
+    declared = list(dict.fromkeys(view_names))
+    missing = [g for g in groups if g not in declared]
+    if missing:
+        raise RecipeError(
+            f"{what}: no view group named {', '.join(repr(m) for m in missing)}; the recipe declares "
+            f"{', '.join(repr(d) for d in declared) or 'none'} (views.groups[].name)"
+        )
+    wanted = set(groups)
+    return [i for i, name in enumerate(view_names) if name in wanted]
+
+
+def declared_view_names(groups: Sequence[ViewGroup]) -> list[str]:
+    """One group name per view, in the order the views stage produces them (``global`` x2, ``local`` x6, ...)."""
+    return [g.name for g in groups for _ in range(g.count)]
