@@ -6,7 +6,7 @@ import json
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "git_commit": commit,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
