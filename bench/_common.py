@@ -38,9 +38,12 @@ def environment() -> dict[str, Any]:
 
 def merge_results(path: Path, rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
     """Add rows to a JSON results file, replacing earlier rows with the same key."""
+    def ident(r: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(tuple(v) if isinstance(v, list) else v for v in (r.get(k) for k in key))
+
     existing: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
-    new_keys = {tuple(r.get(k) for k in key) for r in rows}
-    kept = [r for r in existing if tuple(r.get(k) for k in key) not in new_keys]
+    new_keys = {ident(r) for r in rows}
+    kept = [r for r in existing if ident(r) not in new_keys]
     merged = kept + rows
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=2) + "\n")
@@ -49,6 +52,8 @@ def merge_results(path: Path, rows: list[dict[str, Any]], key: tuple[str, ...]) 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def fmt(v: Any) -> str:
+        if isinstance(v, list):
+            return " ".join(str(x) for x in v)
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -59,6 +59,12 @@ def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
         steps = summary["steps"]
     result = knn_eval(run_dir, k=args.k, temperature=args.temperature, features="backbone",
                       test_split="test", train_split="train", console=console, show_progress=args.progress)
+    zeroshot_row = {}
+    if recipe.method.name == "clip" and name != "untrained":  # CLIP: zero-shot top-1 from label text too
+        from clcli.evaluate.zeroshot import zeroshot
+
+        zs = zeroshot(run_dir, data=str(args.data), split="test", templates="cifar10", console=console)
+        zeroshot_row = {"zeroshot_top1": zs["top1"], "zeroshot_top5": zs["top5"], "zeroshot_templates": "cifar10 (18)"}
     return {
         "method": name,
         "recipe": recipe_name,
@@ -74,6 +80,7 @@ def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
         "temperature": args.temperature,
         "train_seconds": round(train_seconds, 1),
         "overrides": list(args.set or []),
+        **zeroshot_row,
         **environment(),
     }
 
@@ -98,10 +105,12 @@ def main() -> None:
     for name in args.methods:
         row = run_one(name, args, console)
         console.print(json.dumps({k: row[k] for k in ("method", "epochs", "seed", "knn_top1", "train_seconds")}))
-        rows = merge_results(RESULTS / "quality.json", [row], ("method", "epochs", "batch", "precision", "seed"))
+        key = ("method", "epochs", "batch", "precision", "seed", "overrides")
+        rows = merge_results(RESULTS / "quality.json", [row], key)
         cols = ["method", "backbone", "epochs", "batch", "precision", "seed", "steps", "knn_top1", "knn_top5",
-                "train_seconds", "when"]
-        (RESULTS / "quality.md").write_text(markdown_table(sorted(rows, key=lambda r: (r["epochs"], r["method"])), cols))
+                "zeroshot_top1", "train_seconds", "overrides", "when"]
+        rows = sorted(rows, key=lambda r: (r["epochs"], r["method"]))
+        (RESULTS / "quality.md").write_text(markdown_table(rows, cols))
 
 
 if __name__ == "__main__":
