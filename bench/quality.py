@@ -44,7 +44,8 @@ def budget_overrides(args: argparse.Namespace) -> list[str]:
 def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
     recipe_name = args.baseline_recipe if name == "untrained" else name
     recipe = load_recipe(recipe_name, budget_overrides(args) + list(args.set or []))
-    run_dir = args.workdir / f"{name}-e{args.epochs}-s{args.seed}"
+    row_name = args.name or name  # e.g. 'untrained-cmc' for the untrained encoder of another recipe
+    run_dir = args.workdir / f"{row_name}-e{args.epochs}-s{args.seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     start = time.perf_counter()
@@ -66,7 +67,7 @@ def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
         zs = zeroshot(run_dir, data=str(args.data), split="test", templates="cifar10", console=console)
         zeroshot_row = {"zeroshot_top1": zs["top1"], "zeroshot_top5": zs["top5"], "zeroshot_templates": "cifar10 (18)"}
     return {
-        "method": name,
+        "method": row_name,
         "recipe": recipe_name,
         "backbone": recipe.model.backbone.name,
         "epochs": args.epochs,
@@ -98,9 +99,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--baseline-recipe", default="simclr", help="recipe whose backbone 'untrained' scores")
     p.add_argument("--set", action="append", help="extra recipe override (repeatable)")
+    p.add_argument("--name", default=None, help="row name to record (one method only), e.g. untrained-cmc")
     p.add_argument("--workdir", type=Path, default=ROOT / "bench" / "work")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
+    if args.name and len(args.methods) != 1:
+        p.error("--name names one row: give exactly one method")
     console = Console(stderr=True)
     for name in args.methods:
         row = run_one(name, args, console)

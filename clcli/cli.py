@@ -188,8 +188,9 @@ FeaturesOpt = Annotated[
     str | None,
     typer.Option(
         "--features",
-        help="backbone (pooled encoder output) or embedding (the method's projected embedding) "
-        "[default: the recipe's eval.features].",
+        help="backbone (pooled encoder output), embedding (the method's projected embedding) or, for kNN "
+        "with a memory-bank method (instdisc), bank: the bank of the run's training images is the reference "
+        "set and test images are embedded [default: the recipe's eval.features].",
     ),
 ]
 TrainLimitOpt = Annotated[int | None, typer.Option("--train-limit", help="Use only the first N reference images.")]
@@ -202,8 +203,8 @@ OutputOpt = Annotated[
 def _check_features(features: str | None) -> None:
     from clcli.errors import ClcliError
 
-    if features is not None and features not in ("backbone", "embedding"):
-        raise ClcliError(f"--features must be 'backbone' or 'embedding', got {features!r}")
+    if features is not None and features not in ("backbone", "embedding", "bank"):
+        raise ClcliError(f"--features must be 'backbone', 'embedding' or 'bank', got {features!r}")
 
 
 @eval_app.command("knn")
@@ -300,6 +301,135 @@ def eval_linear(
     if not as_json:
         Console().print(f"linear probe: top-1 [bold]{result['top1']:.4f}[/]")
     _emit(result, as_json, "linear probe")
+
+
+# -------------------------------------------------------------------------------- zeroshot
+@app.command()
+@user_errors
+def zeroshot(
+    run: Annotated[
+        Path | None, typer.Option("--run", help="A CLIP run folder written by `clcli pretrain --recipe clip`.")
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels", help="Class names separated by commas, e.g. cat,dog,ship (default: the data's class names)."
+        ),
+    ] = None,
+    labels_file: Annotated[
+        Path | None, typer.Option("--labels-file", help="A text file with one class name per line.")
+    ] = None,
+    templates: Annotated[
+        str | None,
+        typer.Option(
+            "--templates",
+            help="Prompt templates: a set (simple, cifar10, imagenet), a file with one template per line, or one "
+            "template such as 'a photo of a {}.' (default: the run's method.zeroshot_templates; imagenet for a "
+            "checkpoint file).",
+        ),
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="An image file or a folder of images (searched recursively).")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="A data spec as for pretrain --data; labelled data gives accuracy per class."),
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option("--split", help="Split of --data to classify (default: the recipe's test split).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Classify only the first N images of --data.")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            help="With --run: a checkpoint folder of the run. Without --run: a pretrained CLIP checkpoint in the "
+            "OpenAI / open_clip layout (safetensors, or a torch state dict loaded with weights_only=True).",
+        ),
+    ] = None,
+    vocab: Annotated[
+        Path | None,
+        typer.Option(
+            "--vocab",
+            help="CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for --checkpoint (default: the copy in an "
+            "installed open_clip package).",
+        ),
+    ] = None,
+    trust_torchscript: Annotated[
+        bool,
+        typer.Option(
+            "--trust-torchscript",
+            help="Allow a TorchScript archive as --checkpoint (OpenAI's .pt files). Loading one runs code stored in "
+            "the file: use only files from a source you trust.",
+        ),
+    ] = False,
+    activation: Annotated[
+        str,
+        typer.Option(
+            "--activation",
+            help="MLP activation of a --checkpoint model: quick_gelu (OpenAI's models, open_clip's *-quickgelu) or "
+            "gelu (open_clip's other models).",
+        ),
+    ] = "quick_gelu",
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Predictions shown per image.")] = 5,
+    predictions: Annotated[
+        bool, typer.Option("--predictions", help="Also list per-image predictions for labelled data.")
+    ] = False,
+    output: OutputOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Zero-shot classification from label text with a CLIP run or a pretrained CLIP checkpoint.
+
+    Each label is put into every prompt template; the normalised text embeddings are averaged and
+    re-normalised into the classifier. Prints each image's top predictions with probabilities, or,
+    when --data is labelled, top-1 / top-5 accuracy and a per-class table.
+    """
+    from clcli.evaluate.zeroshot import zeroshot as run_zeroshot
+
+    result = run_zeroshot(
+        run,
+        checkpoint=checkpoint,
+        vocab=vocab,
+        trust_torchscript=trust_torchscript,
+        activation=activation,
+        labels=labels,
+        labels_file=labels_file,
+        templates=templates,
+        images=images,
+        data=data,
+        split=split,
+        limit=limit,
+        top_k=top_k,
+        predictions=predictions,
+        output=output,
+        console=_console(as_json),
+        show_progress=not as_json,
+    )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    console = Console()
+    if "per_class" in result:
+        table = Table("class", "label", "images", "top-1", "top-5", title="zero-shot accuracy per class")
+        for row in result["per_class"]:
+            if row["images"]:
+                top1, top5 = f"{row['top1']:.4f}", f"{row['top5']:.4f}"
+                table.add_row(row["class"], row["label"], str(row["images"]), top1, top5)
+        console.print(table)
+        console.print(
+            f"zero-shot ({len(result['labels'])} labels, {result['num_templates']} templates, classes matched "
+            f"{result['matched']}): top-1 [bold]{result['top1']:.4f}[/]  top-5 {result['top5']:.4f} "
+            f"on {result['images']} images"
+        )
+    if "predictions" in result:
+        table = Table("image", "predictions", title="zero-shot predictions")
+        for p in result["predictions"]:
+            table.add_row(p["image"], ", ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top"]))
+        console.print(table)
+    if result.get("output"):
+        console.print(f"written to {result['output']}")
 
 
 # ---------------------------------------------------------------------------------- export

@@ -76,6 +76,12 @@ class ViewGroup(StrictModel):
     flip, colour jitter with probability ``jitter_p`` and strengths ``jitter`` x
     ``jitter_strength`` (brightness, contrast, saturation, hue), grayscale, Gaussian blur
     (kernel ``blur_kernel_fraction`` of the size), solarisation.
+
+    The ``cpc`` pipeline (CPC, arXiv:1807.03748 / 1905.09272) crops and flips the image to
+    ``size`` as above, then cuts it into an overlapping grid of ``patch_size`` patches every
+    ``patch_stride`` pixels; per patch it applies spatial jitter (``patch_jitter`` pixels), colour
+    jitter (``jitter_p``, ``jitter`` x ``jitter_strength``), grayscale (``grayscale_p``) and colour
+    dropping (``patch_color_drop_p``).
     """
 
     name: str = "global"
@@ -93,6 +99,10 @@ class ViewGroup(StrictModel):
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel_fraction: float = Field(0.1, gt=0, le=1)
     solarize_p: float = Field(0.0, ge=0, le=1)
+    patch_size: int = Field(8, ge=1, description="cpc: side of each grid patch")
+    patch_stride: int = Field(4, ge=1, description="cpc: pixels between neighbouring patches")
+    patch_jitter: int = Field(0, ge=0, description="cpc: each patch moves by up to this many pixels")
+    patch_color_drop_p: float = Field(0.0, ge=0, le=1, description="cpc: keep one colour channel of a patch")
 
 
 class ViewsConfig(StrictModel):
@@ -197,7 +207,9 @@ class TrainerConfig(StrictModel):
 class EvalConfig(StrictModel):
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.1, gt=0)
-    features: Literal["backbone", "embedding"] = "backbone"
+    features: Literal["backbone", "embedding", "bank"] = Field(
+        "backbone", description="bank: kNN only, the method's memory bank as the reference set (InstDisc)"
+    )
     batch_size: int = Field(256, ge=1)
     linear_l2: list[float] = Field(default_factory=lambda: [10.0**e for e in range(-6, 1)])
     linear_val_fraction: float = Field(0.1, gt=0, lt=1)

@@ -114,6 +114,7 @@ BACKBONES.register("convnet", "clcli.models.backbones:build_backbone")
 
 VIEWS.register("simclr", "clcli.views.pipelines:augment_pipeline")
 VIEWS.register("center", "clcli.views.pipelines:center_pipeline")
+VIEWS.register("cpc", "clcli.views.patches:cpc_pipeline")
 
 # Data sources are chosen by the scheme before the first colon of the spec (``hf:NAME``);
 # a spec with no registered scheme is a local path.  Factories take (spec, split, **columns).

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from clcli.assemble import limit_source, load_run, open_data
 from clcli.data import ImageSource
-from clcli.errors import DataError
+from clcli.errors import ClcliError, DataError
 from clcli.evaluate.features import FeatureSet, extract_features
 from clcli.evaluate.knn import knn_accuracy
 from clcli.evaluate.linear import linear_probe
@@ -66,6 +66,59 @@ def _features(
     return train, test, num_classes
 
 
+def _bank_features(
+    method: Method,
+    recipe: Recipe,
+    data: str | None,
+    train_split: str | None,
+    train_limit: int | None,
+    test_limit: int | None,
+    device: torch.device,
+    console: Console | None,
+    show_progress: bool,
+) -> tuple[FeatureSet, FeatureSet, int]:
+    """kNN over a memory bank (InstDisc, arXiv:1805.01978): the bank's rows, labelled by the run's own
+    training split, are the reference set; the test images are embedded with the method's ``embed``."""
+    bank_features = getattr(method, "bank_features", None)
+    if bank_features is None:
+        raise ClcliError(
+            f"--features bank needs a method with a memory bank; {recipe.method.name} has none "
+            "(use --features backbone or embedding)"
+        )
+    d = recipe.data
+    if (data is not None and data != d.source) or (train_split is not None and train_split != d.train_split):
+        raise ClcliError(
+            f"--features bank votes with the memory bank of the images the run trained on ({d.source}, split "
+            f"{d.train_split!r}); leave out --data and --train-split (or give exactly those)"
+        )
+    if train_limit is not None and train_limit != d.limit:
+        raise ClcliError("--features bank uses every bank row; leave out --train-limit")
+    source = _open_split(recipe, d.source, d.train_split, d.limit)
+    vectors = bank_features()
+    if vectors.shape[0] != len(source):
+        raise ClcliError(
+            f"the memory bank has {vectors.shape[0]} rows but the training split {d.train_split!r} of {d.source} "
+            f"now has {len(source)} images; the bank can only be labelled by the data it was trained on"
+        )
+    labels = source.labels()
+    assert labels is not None
+    test_source = _open_split(recipe, d.source, d.test_split, test_limit)
+    test = extract_features(
+        method,
+        test_source,
+        recipe,
+        device=device,
+        layer="embedding",
+        show_progress=show_progress,
+        console=console,
+        description=f"{d.test_split} embeddings",
+    )
+    assert test.labels is not None
+    classes = source.classes or test_source.classes
+    num_classes = len(classes) if classes else int(max(labels.max(), test.labels.max())) + 1
+    return FeatureSet(vectors, labels), test, num_classes
+
+
 def _write(result: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -95,11 +148,17 @@ def knn_eval(
     layer = features or recipe.eval.features
     k = k or recipe.eval.knn_k
     t = temperature or recipe.eval.knn_temperature
-    if train_limit is None and data is None:
-        train_limit = recipe.data.limit
-    train, test, num_classes = _features(
-        method, recipe, spec, splits, (train_limit, test_limit), layer, device, console, show_progress
-    )
+    if layer == "bank":
+        train, test, num_classes = _bank_features(
+            method, recipe, data, train_split, train_limit, test_limit, device, console, show_progress
+        )
+        splits = (f"{recipe.data.train_split} (memory bank)", splits[1])
+    else:
+        if train_limit is None and data is None:
+            train_limit = recipe.data.limit
+        train, test, num_classes = _features(
+            method, recipe, spec, splits, (train_limit, test_limit), layer, device, console, show_progress
+        )
     assert train.labels is not None and test.labels is not None
     scores = knn_accuracy(
         train.features, train.labels, test.features, test.labels, k=k, temperature=t, num_classes=num_classes
@@ -146,6 +205,8 @@ def linear_eval(
     spec = data or recipe.data.source
     splits = (train_split or recipe.data.train_split, test_split or recipe.data.test_split)
     layer = features or recipe.eval.features
+    if layer == "bank":
+        raise ClcliError("--features bank applies to kNN only; the linear probe uses backbone or embedding features")
     if train_limit is None and data is None:
         train_limit = recipe.data.limit
     train, test, num_classes = _features(

@@ -15,15 +15,16 @@ view positions, with a clear error for a name the recipe does not declare.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from clcli.errors import RecipeError
 from clcli.recipe import ViewGroup
 
-__all__ = ["declared_view_names", "multicrop_forward", "resolution_runs", "views_of"]
+__all__ = ["declared_view_names", "multicrop_forward", "resolution_runs", "running_stats_frozen", "views_of"]
 
 
 def resolution_runs(views: Sequence[Tensor]) -> list[tuple[int, int]]:
@@ -37,22 +38,67 @@ def resolution_runs(views: Sequence[Tensor]) -> list[tuple[int, int]]:
     return runs
 
 
-def multicrop_forward(network: Callable[[Tensor], Tensor], views: Sequence[Tensor]) -> list[Tensor]:
+@contextmanager
+def running_stats_frozen(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """BatchNorm layers of ``modules`` normalise with batch statistics as usual (in training mode) but
+    leave their running statistics untouched: momentum 0 for the duration, then restored."""
+    layers = [m for module in modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in layers]
+    try:
+        for m in layers:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, momentum in zip(layers, saved, strict=True):
+            m.momentum = momentum
+
+
+def multicrop_forward(
+    network: Callable[[Tensor], Tensor],
+    views: Sequence[Tensor],
+    *,
+    apart: Sequence[int] = (),
+    frozen_stats: Sequence[int] = (),
+    modules: Sequence[nn.Module] = (),
+) -> list[Tensor]:
     """``network`` applied to every view, one call per run of consecutive same-size views.
 
     ``views``: tensors ``[B_v, C, H_v, W_v]`` in declared order.  Each run of consecutive views of
     one shape is concatenated along the batch dimension and passed through ``network`` once; the
     output ``[sum B_v, ...]`` is split back per view.  Returns one tensor per view, in the order of
     ``views``.
+
+    ``apart``: positions of views that are forwarded separately from the others (runs are formed
+    within each part), so that their outputs cannot depend on any other view, not even through
+    BatchNorm's batch statistics: SwAV's code crops, whose codes must not change with the local
+    crops.  ``frozen_stats``: positions of views whose passes leave the BatchNorm running statistics
+    of ``modules`` untouched (they are also forwarded apart), so that the statistics used at
+    evaluation come from full-size crops only, not from the small local crops.  Neither changes
+    the training computation, and in the usual layout (large crops first, then small ones) neither
+    adds a call.
     """
     if len(views) == 0:
         raise ValueError("multicrop_forward needs at least one view")
-    outputs: list[Tensor] = []
-    for start, end in resolution_runs(views):
-        chunk = views[start:end]
-        out = network(chunk[0] if len(chunk) == 1 else torch.cat(list(chunk), dim=0))
-        outputs.extend(out.split([v.shape[0] for v in chunk], dim=0))
-    return outputs
+    if any(not 0 <= i < len(views) for i in [*apart, *frozen_stats]):
+        raise ValueError(
+            f"multicrop_forward: positions {list(apart)} / {list(frozen_stats)} out of range for {len(views)} views"
+        )
+    if frozen_stats and not modules:
+        raise ValueError("multicrop_forward: frozen_stats needs the modules whose BatchNorm statistics to freeze")
+    keys = [(i in set(apart), i in set(frozen_stats)) for i in range(len(views))]
+    parts: dict[tuple[bool, bool], list[int]] = {}
+    for i, key in enumerate(keys):
+        parts.setdefault(key, []).append(i)
+    outputs: list[Tensor | None] = [None] * len(views)
+    for (_, frozen), part in parts.items():
+        sub = [views[i] for i in part]
+        with running_stats_frozen(modules) if frozen else nullcontext():
+            for start, end in resolution_runs(sub):
+                chunk = sub[start:end]
+                out = network(chunk[0] if len(chunk) == 1 else torch.cat(list(chunk), dim=0))
+                for j, piece in enumerate(out.split([v.shape[0] for v in chunk], dim=0)):
+                    outputs[part[start + j]] = piece
+    return [o for o in outputs if o is not None]  # every position is filled
 
 
 def views_of(view_names: Sequence[str], groups: Sequence[str], what: str = "views") -> list[int]:
