@@ -30,6 +30,7 @@ TINY = [
     "method.encoder_stages=2",
     "method.context_blocks=1",
     "method.steps=2",
+    "method.min_step=1",
     "trainer.batch_size=16",
     "trainer.steps=6",
     "trainer.log_every=1",

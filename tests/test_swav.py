@@ -360,3 +360,23 @@ def test_bad_configuration_gives_clear_errors():
         build(tiny("method.code_views=[global, local]"))
     with pytest.raises(RecipeError, match="two views"):
         build(load_recipe("swav", [*TINY, "views.groups=[{name: global, size: 16, count: 1}]"]))
+
+
+def test_recipes_carry_the_papers_values():
+    paper = load_recipe("swav-imagenet")
+    cfg = paper.method
+    assert (cfg.num_prototypes, cfg.projector, cfg.temperature, cfg.epsilon, cfg.sinkhorn_iterations) == (
+        3000,
+        [2048, 128],
+        0.1,
+        0.05,
+        3,
+    )
+    assert (cfg.queue_length, cfg.queue_start_epoch, cfg.code_views) == (3840, 15, ["global"])
+    assert [(g.name, g.size, g.count, g.crop_scale) for g in paper.views.groups] == [
+        ("global", 224, 2, (0.14, 1.0)),
+        ("local", 96, 6, (0.05, 0.14)),
+    ]
+    cifar = load_recipe("swav")
+    assert [(g.size, g.count) for g in cifar.views.groups] == [(32, 2), (16, 6)]
+    assert cifar.model.backbone.cifar_stem and cifar.trainer.precision == "bf16"

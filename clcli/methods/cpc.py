@@ -155,17 +155,21 @@ class MaskedConv2d(nn.Conv2d):
 
 
 class ContextBlock(nn.Module):
-    """Residual block: x + 1x1(ReLU(masked 3x3(ReLU(1x1(ReLU(x))))))."""
+    """Bottleneck residual block of the context network: x + 1x1(ReLU(masked 3x3(ReLU(1x1(x))))).
+
+    The 1x1 convolutions narrow the width to a quarter and widen it back; the masked 3x3 covers
+    rows i − 1 and i (columns j − 1 .. j + 1), so each block extends the context one row upwards.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
+        hidden = max(1, dim // 4)
         self.body = nn.Sequential(
+            nn.Conv2d(dim, hidden, 1),
             nn.ReLU(),
-            nn.Conv2d(dim, dim, 1),
+            MaskedConv2d(hidden, hidden, 3),
             nn.ReLU(),
-            MaskedConv2d(dim, dim, 3),
-            nn.ReLU(),
-            nn.Conv2d(dim, dim, 1),
+            nn.Conv2d(hidden, dim, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +177,11 @@ class ContextBlock(nn.Module):
 
 
 class ContextNetwork(nn.Module):
-    """PixelCNN-style context network over a grid [B, D, R, C]: c_{i,j} depends on rows ≤ i only."""
+    """PixelCNN-style context network over a grid [B, D, R, C]: c_{i,j} depends on rows ≤ i only.
+
+    A 1x1 projection to ``dim`` channels, ``blocks`` masked bottleneck residual blocks (5 in CPC
+    v2's appendix A.2), then a ReLU.
+    """
 
     def __init__(self, in_dim: int, dim: int, blocks: int) -> None:
         super().__init__()
@@ -181,7 +189,7 @@ class ContextNetwork(nn.Module):
         self.blocks = nn.Sequential(*(ContextBlock(dim) for _ in range(blocks)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.proj(z))
+        return F.relu(self.blocks(self.proj(z)))
 
 
 class DirectionalPredictor(nn.Module):
