@@ -18,6 +18,7 @@ from clcli.losses import cmc_softmax, instdisc_nce
 from clcli.methods.base import Batch
 from clcli.recipe import load_recipe
 from clcli.views.color import LAB_RANGE, normalize_lab, rgb_to_lab
+from clcli.views.pipelines import eval_pipeline
 
 from .helpers import CIFAR
 
@@ -244,23 +245,24 @@ def test_full_graph_over_three_views_sums_all_six_ordered_pairs():
     assert loss == pytest.approx(expected, rel=1e-4)
 
 
-def test_first_visit_writes_the_bank_before_the_first_contrast():
-    method = build(tiny("method.bank_init=first_visit", "method.loss=softmax"))
-    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    index = torch.tensor([5, 6, 7, 8])
-    torch.manual_seed(9)
-    loss = method.training_step(Batch([x], ["image"], index, index), 0).loss.item()
+def test_encoded_bank_init_fills_every_row_with_the_initial_embeddings_once():
+    method = build(tiny("method.bank_init=encoded"))
+    running = {k: v.clone() for k, v in method.state_dict().items() if "running" in k}
+    assert method.on_epoch_start(0, 0) == {"banks_filled_rows": 64.0}
+    # every row holds the embedding of that image's evaluation crop (one batch: batch statistics)
+    x = torch.stack([eval_pipeline(16)(method._source.load_image(i)) for i in range(64)]).float() / 255.0
+    state = method.state_dict()
+    for k, v in running.items():
+        assert torch.equal(state[k], v)  # the batch-norm running statistics are left alone
     with torch.no_grad():
-        emb = [e.double().numpy() for e in method.view_embeddings(x)]
-    torch.manual_seed(9)
-    noise = torch.randint(0, 64, (4, 32)).numpy()
-    banks = [b.vectors.double().numpy() for b in method.banks]  # rows 5..8 now hold the embeddings
-    assert np.allclose(banks[0][5:9], emb[0], atol=1e-6) and np.allclose(banks[1][5:9], emb[1], atol=1e-6)
-    expected = reference_softmax(emb[0], emb[1], banks[1][noise], 0.07) + reference_softmax(
-        emb[1], emb[0], banks[0][noise], 0.07
-    )  # negatives read after the write; rows 5..8 equal the embeddings both then and after the update
-    assert loss == pytest.approx(expected, rel=1e-4)
-    assert method.seen[5:9].all() and not method.seen[:5].any()
+        emb = method.view_embeddings(x)
+    for bank, e in zip(method.banks, emb, strict=True):
+        assert torch.allclose(bank.vectors, e, atol=1e-5)
+    assert bool(method.banks_filled)
+    # once per run: a later epoch (or a resumed run, whose flag comes from the checkpoint) does not refill
+    method.banks[0].vectors.zero_()
+    assert method.on_epoch_start(1, 4) == {}
+    assert method.banks[0].vectors.abs().sum() == 0
 
 
 def test_bad_recipes_give_clear_errors():
@@ -277,7 +279,7 @@ def test_bad_recipes_give_clear_errors():
 # -------------------------------------------------------------------- training and export
 @pytest.mark.parametrize("form", ["nce", "softmax"])
 def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path, form):
-    recipe = tiny(f"method.loss={form}", "method.bank_init=first_visit", "trainer.steps=6", "data.limit=48")
+    recipe = tiny(f"method.loss={form}", "method.bank_init=encoded", "trainer.steps=6", "data.limit=48")
     pretrain(recipe, tmp_path / "full")
     stages = prepare_training(recipe, tmp_path / "cut")
     assert stages.trainer.fit(stop_after=4)["interrupted"]  # across an epoch boundary (3 steps per epoch)
@@ -319,6 +321,6 @@ def test_export_rebuilds_both_encoders_and_gives_the_same_features(tmp_path):
         parts = [enc(v) for enc, v in zip(method.backbone.encoders, method.backbone.split(x), strict=True)]
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.allclose(want, torch.cat(parts, dim=1))  # L features then ab features
-    assert got.shape[1] == encoder.feature_dim == 2 * 32  # two half-width convnets (8 x 8 // 2 channels)
+    assert got.shape[1] == encoder.feature_dim == 2 * 32  # two convnets at half of width 8: 8 x 4 features each
     assert encoder.mean == (0.0, 0.0, 0.0) and encoder.std == (1.0, 1.0, 1.0)  # it takes RGB in [0, 1]
     assert encoder.metadata["extra"]["views"] == ["L", "ab"]

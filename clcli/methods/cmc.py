@@ -19,10 +19,13 @@ and then held fixed (InstDisc's estimator and loss, which CMC adopts: :func:`~cl
 or the softmax cross-entropy over the 1 + K candidates (:func:`~clcli.losses.cmc_softmax`).
 After the loss, each bank's rows of the batch move towards the new embeddings with momentum 0.5.
 
-``bank_init: first_visit`` (not in the paper) writes an image's bank entries from its current
-embeddings the first time the image is seen, before the loss, instead of keeping the random
-initial vectors: in the first epoch the paper's positives are random vectors, so a one-epoch
-budget would learn nothing from them.
+``bank_init: encoded`` (not in the paper) fills the banks, before the first step, with the
+initial encoders' embeddings of every training image (the evaluation crop, no augmentation)
+instead of random vectors.  With the paper's random initialisation every positive of the first
+epoch is a random vector (an image's entry is written only after its first visit), so a one-epoch
+budget learns nothing; filled banks give the first epoch real, equally old positives and
+negatives.  (Writing an entry from the current batch just before its first use instead makes the
+positives fresher than the negatives, a gap the encoders learn to exploit by drifting.)
 
 Representation for evaluation: the views' encoder outputs (before the linear layer),
 concatenated; :class:`LabViewsEncoder` (the method's ``backbone``) takes RGB in [0, 1], so
@@ -41,7 +44,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from clcli import dist
-from clcli.errors import CheckpointError, DataError, RecipeError
+from clcli.errors import BadImageError, CheckpointError, DataError, RecipeError
 from clcli.losses import cmc_softmax, instdisc_nce, instdisc_nce_normaliser
 from clcli.methods.base import Batch, BuildContext, Method, StepOutput
 from clcli.methods.memory import MemoryBank
@@ -50,6 +53,7 @@ from clcli.models.heads import MLP
 from clcli.models.resnet_variants import DEPTHS, resnet_encoder
 from clcli.recipe import BackboneConfig, MethodConfig, Recipe, validate_recipe
 from clcli.views.color import normalize_lab, rgb_to_lab
+from clcli.views.pipelines import eval_pipeline
 
 _CHANNELS = {"L": 0, "a": 1, "b": 2}
 
@@ -70,8 +74,8 @@ class CMCConfig(MethodConfig):
     nce_k: int = Field(4096, ge=1, description="negatives per anchor, drawn uniformly from the other view's bank")
     loss: Literal["nce", "softmax"] = Field("nce", description="NCE with a fixed Z, or softmax cross-entropy")
     nce_z: float | None = Field(None, gt=0, description="a fixed NCE normaliser Z; default: from the first batch")
-    bank_init: Literal["random", "first_visit"] = Field(
-        "random", description="random (paper), or an image's first embeddings on its first visit"
+    bank_init: Literal["random", "encoded"] = Field(
+        "random", description="random vectors (paper), or the initial encoders' embeddings of every image"
     )
 
     @field_validator("views")
@@ -163,6 +167,8 @@ class CMC(Method):
                 "sample indices; a streaming source has neither (set data.streaming=false)"
             )
         self.backbone = build_views_encoder(ctx.recipe)
+        self._views = v
+        self._bf16 = ctx.recipe.trainer.precision == "bf16"
         self.heads = nn.ModuleList(MLP([d, cfg.embedding_dim]) for d in self.backbone.dims)
         n_views = len(cfg.views)
         self.banks = nn.ModuleList(
@@ -178,7 +184,8 @@ class CMC(Method):
         # Z per ordered pair (anchor view i, bank of view j), estimated once from the first batch
         self.register_buffer("nce_z", torch.full((n_views, n_views), float(cfg.nce_z or 0.0)))
         self.register_buffer("z_estimated", torch.tensor(cfg.nce_z is not None))
-        self.register_buffer("seen", torch.zeros(ctx.dataset_size, dtype=torch.bool))
+        self.register_buffer("banks_filled", torch.tensor(False))
+        self._source = ctx.train_source  # for bank_init: encoded (None when rebuilt for evaluation)
 
     # -- training -------------------------------------------------------------------------
     def view_embeddings(self, rgb: torch.Tensor) -> list[torch.Tensor]:
@@ -204,11 +211,6 @@ class CMC(Method):
         emb = self.view_embeddings(batch.views[0])
         all_index = dist.gather_no_grad(index)
         all_emb = [dist.gather_no_grad(e.detach()) for e in emb]
-        if cfg.bank_init == "first_visit":
-            new = ~self.seen[all_index]
-            for bank, e in zip(self.banks, all_emb, strict=True):
-                rows = torch.where(new.unsqueeze(1), e, bank.vectors[all_index])
-                bank.vectors.index_copy_(0, all_index, rows)
         noise_index = self.banks[0].sample((index.shape[0], cfg.nce_k))  # one draw, used for every bank
         positives = [bank.get(index) for bank in self.banks]
         negatives = [bank.vectors[noise_index] for bank in self.banks]  # [B, K, D] gathered copies
@@ -231,8 +233,55 @@ class CMC(Method):
         # the loss used the banks as they were; now move the batch's rows towards the new embeddings
         for bank, e in zip(self.banks, all_emb, strict=True):
             bank.update(all_index, e)
-        self.seen[all_index] = True
         return StepOutput(loss, metrics)
+
+    def on_epoch_start(self, epoch: int, step: int) -> dict[str, float]:
+        if self.cfg.bank_init != "encoded" or bool(self.banks_filled):
+            return {}
+        if self._source is None:
+            raise DataError("bank_init: encoded needs the training images to fill the memory banks")
+        filled = self.fill_banks(self._source)
+        self.banks_filled.fill_(True)
+        return {"banks_filled_rows": float(filled)}
+
+    @torch.no_grad()
+    def fill_banks(self, source: Any, batch_size: int = 256) -> int:
+        """Write every bank row with the current encoders' embedding of that training image.
+
+        Images get the evaluation transform (resize, centre crop; no randomness).  Batch norm
+        normalises with each batch's statistics, as in training, but its running statistics are
+        left as they were.  Unreadable images keep their random rows.  Returns the rows written.
+        """
+        recipe_views = self._views
+        transform = eval_pipeline(recipe_views.eval_size, recipe_views.eval_resize)
+        device = self.banks[0].vectors.device
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [m.momentum for m in norms]
+        for m in norms:
+            m.momentum = 0.0  # running = (1 - 0) running + 0 batch: unchanged
+        written = 0
+        try:
+            for start in range(0, self.banks[0].size, batch_size):
+                images, rows = [], []
+                for i in range(start, min(start + batch_size, self.banks[0].size)):
+                    try:
+                        images.append(transform(source.load_image(i)))
+                    except BadImageError:
+                        continue
+                    rows.append(i)
+                if not rows:
+                    continue
+                x = torch.stack(images).to(device).float() / 255.0
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self._bf16):
+                    emb = self.view_embeddings(x)
+                index = torch.tensor(rows, device=device)
+                for bank, e in zip(self.banks, emb, strict=True):
+                    bank.vectors.index_copy_(0, index, F.normalize(e.float(), dim=1))
+                written += len(rows)
+        finally:
+            for m, momentum in zip(norms, saved, strict=True):
+                m.momentum = momentum
+        return written
 
     def schedule_summary(self) -> dict[str, str]:
         cfg = self.cfg
