@@ -20,8 +20,9 @@ def environment() -> dict[str, Any]:
     import torchvision
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {
@@ -38,6 +39,7 @@ def environment() -> dict[str, Any]:
 
 def merge_results(path: Path, rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
     """Add rows to a JSON results file, replacing earlier rows with the same key."""
+
     def ident(r: dict[str, Any]) -> tuple[Any, ...]:
         return tuple(tuple(v) if isinstance(v, list) else v for v in (r.get(k) for k in key))
 

@@ -58,8 +58,16 @@ def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
         summary = pretrain(recipe, run_dir, console=console, show_progress=args.progress)
         train_seconds = time.perf_counter() - start
         steps = summary["steps"]
-    result = knn_eval(run_dir, k=args.k, temperature=args.temperature, features="backbone",
-                      test_split="test", train_split="train", console=console, show_progress=args.progress)
+    result = knn_eval(
+        run_dir,
+        k=args.k,
+        temperature=args.temperature,
+        features="backbone",
+        test_split="test",
+        train_split="train",
+        console=console,
+        show_progress=args.progress,
+    )
     zeroshot_row = {}
     if recipe.method.name == "clip" and name != "untrained":  # CLIP: zero-shot top-1 from label text too
         from clcli.evaluate.zeroshot import zeroshot
@@ -111,8 +119,21 @@ def main() -> None:
         console.print(json.dumps({k: row[k] for k in ("method", "epochs", "seed", "knn_top1", "train_seconds")}))
         key = ("method", "epochs", "batch", "precision", "seed", "overrides")
         rows = merge_results(RESULTS / "quality.json", [row], key)
-        cols = ["method", "backbone", "epochs", "batch", "precision", "seed", "steps", "knn_top1", "knn_top5",
-                "zeroshot_top1", "train_seconds", "overrides", "when"]
+        cols = [
+            "method",
+            "backbone",
+            "epochs",
+            "batch",
+            "precision",
+            "seed",
+            "steps",
+            "knn_top1",
+            "knn_top5",
+            "zeroshot_top1",
+            "train_seconds",
+            "overrides",
+            "when",
+        ]
         rows = sorted(rows, key=lambda r: (r["epochs"], r["method"]))
         (RESULTS / "quality.md").write_text(markdown_table(rows, cols))
 

@@ -37,8 +37,14 @@ def trained_run(tmp_path_factory):
 
 
 def test_help_explains_every_command():
-    for args in (["--help"], ["pretrain", "--help"], ["eval", "knn", "--help"], ["eval", "linear", "--help"],
-                 ["export", "--help"], ["recipes", "show", "--help"]):
+    for args in (
+        ["--help"],
+        ["pretrain", "--help"],
+        ["eval", "knn", "--help"],
+        ["eval", "linear", "--help"],
+        ["export", "--help"],
+        ["recipes", "show", "--help"],
+    ):
         res = invoke(*args)
         assert res.exit_code == 0
     text = invoke("pretrain", "--help").output
@@ -76,8 +82,15 @@ def test_eval_knn_and_linear(trained_run, tmp_path):
 
 def test_export_loads_into_clcli_and_torchvision(tmp_path):
     run = tmp_path / "run"
-    res = invoke("pretrain", "--recipe", "simclr", "--out", str(run), "--json",
-                 *sets(*TINY, "trainer.steps=1", "model.backbone.name=resnet18", "data.limit=64"))
+    res = invoke(
+        "pretrain",
+        "--recipe",
+        "simclr",
+        "--out",
+        str(run),
+        "--json",
+        *sets(*TINY, "trainer.steps=1", "model.backbone.name=resnet18", "data.limit=64"),
+    )
     assert res.exit_code == 0, res.output
     out = tmp_path / "backbone.safetensors"
     res = invoke("export", "--run", str(run), "--out", str(out), "--json")
@@ -131,8 +144,15 @@ def test_errors_are_one_message_and_exit_2(tmp_path, trained_run):
 
 def test_checkpoint_from_another_recipe_is_refused(tmp_path, trained_run):
     other = tmp_path / "other"
-    res = invoke("pretrain", "--recipe", "simclr", "--out", str(other), "--json",
-                 *sets(*TINY, "trainer.steps=1", "model.backbone.width=4"))
+    res = invoke(
+        "pretrain",
+        "--recipe",
+        "simclr",
+        "--out",
+        str(other),
+        "--json",
+        *sets(*TINY, "trainer.steps=1", "model.backbone.width=4"),
+    )
     assert res.exit_code == 0, res.output
     ckpt = sorted((other / "checkpoints").glob("step-*"))[-1]
     res = invoke("eval", "knn", "--run", str(trained_run), "--checkpoint", str(ckpt))

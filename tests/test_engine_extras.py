@@ -33,8 +33,9 @@ def test_lars_step_matches_the_trust_ratio_formula():
     b = nn.Parameter(torch.randn(5))
     w.grad, b.grad = torch.randn(5, 3), torch.randn(5)
     w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
-    opt = build_optimizer([ParamGroup("p", [w, b])], OptimConfig(name="lars", weight_decay=0.01, lars_eta=0.02,
-                                                                 momentum=0.9), lr=0.5)
+    opt = build_optimizer(
+        [ParamGroup("p", [w, b])], OptimConfig(name="lars", weight_decay=0.01, lars_eta=0.02, momentum=0.9), lr=0.5
+    )
     assert isinstance(opt, LARS)
     opt.step()
     d = gw + 0.01 * w0
@@ -63,13 +64,20 @@ def test_online_knn_every_epoch(tmp_path):
 
 
 def test_training_on_a_streaming_hub_dataset(tmp_path, hf_offline, hub_folder):
-    recipe = tiny_recipe(f"data.source=hf:{hub_folder}", "data.streaming=true", "trainer.batch_size=2",
-                         "trainer.steps=2", "data.limit=null")
+    recipe = tiny_recipe(
+        f"data.source=hf:{hub_folder}",
+        "data.streaming=true",
+        "trainer.batch_size=2",
+        "trainer.steps=2",
+        "data.limit=null",
+    )
     summary = pretrain(recipe, tmp_path / "run")
     assert summary["steps"] == 2
     with pytest.raises(TrainingError, match="trainer.steps"):
-        pretrain(tiny_recipe(f"data.source=hf:{hub_folder}", "data.streaming=true", "trainer.steps=null",
-                             "data.limit=null"), tmp_path / "run2")
+        pretrain(
+            tiny_recipe(f"data.source=hf:{hub_folder}", "data.streaming=true", "trainer.steps=null", "data.limit=null"),
+            tmp_path / "run2",
+        )
 
 
 @pytest.fixture
@@ -82,14 +90,20 @@ def folder_with_a_bad_image(tmp_path):
 
 
 def test_unreadable_image_stops_the_run_naming_the_file(tmp_path, folder_with_a_bad_image):
-    recipe = tiny_recipe(f"data.source={folder_with_a_bad_image}", "trainer.batch_size=8", "trainer.steps=1",
-                         "data.limit=null")
+    recipe = tiny_recipe(
+        f"data.source={folder_with_a_bad_image}", "trainer.batch_size=8", "trainer.steps=1", "data.limit=null"
+    )
     with pytest.raises(BadImageError, match="broken.png"):
         pretrain(recipe, tmp_path / "run")
 
 
 def test_skip_bad_images_counts_and_reports_them(tmp_path, folder_with_a_bad_image):
-    recipe = tiny_recipe(f"data.source={folder_with_a_bad_image}", "trainer.batch_size=8", "trainer.steps=2",
-                         "data.limit=null", "data.skip_bad_images=true")
+    recipe = tiny_recipe(
+        f"data.source={folder_with_a_bad_image}",
+        "trainer.batch_size=8",
+        "trainer.steps=2",
+        "data.limit=null",
+        "data.skip_bad_images=true",
+    )
     summary = pretrain(recipe, tmp_path / "run")
     assert summary["steps"] == 2 and summary["skipped_bad_images"] == 2  # one per epoch

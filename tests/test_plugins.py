@@ -22,8 +22,19 @@ def installed_plugin(tmp_path_factory):
     source = tmp_path_factory.mktemp("src") / "plugin_pkg"
     shutil.copytree(PLUGIN, source)  # build outside the checkout
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(source),
+        ],
         check=True,
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
@@ -41,16 +52,36 @@ def test_plugin_method_trains_from_the_cli(installed_plugin, tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed_plugin), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(
-        [sys.executable, "-m", "clcli.cli", "pretrain", "--recipe", str(recipe), "--out", str(tmp_path / "run"),
-         "--json"],
-        capture_output=True, text=True, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "clcli.cli",
+            "pretrain",
+            "--recipe",
+            str(recipe),
+            "--out",
+            str(tmp_path / "run"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["steps"] == 3
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"align", "uniform"} <= set(rows[-1])
-    listed = subprocess.run([sys.executable, "-c", "from clcli.registry import METHODS, BACKBONES;"
-                             "print(METHODS.names(), BACKBONES.names())"], capture_output=True, text=True, env=env)
+    listed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from clcli.registry import METHODS, BACKBONES;print(METHODS.names(), BACKBONES.names())",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert "tinyplug" in listed.stdout and "tinynet" in listed.stdout
 
 

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader, Dataset
 
 from clcli.data import ImageSource
 from clcli.errors import BadImageError
 from clcli.recipe import Recipe
 from clcli.views import normalize_batch
 from clcli.views.pipelines import eval_pipeline
+from clcli.views.plain import plain_loader
 
 
 @dataclass
@@ -21,29 +21,6 @@ class FeatureSet:
     features: torch.Tensor  # float32 [N, D] on the CPU
     labels: torch.Tensor | None  # int64 [N]
     skipped: int = 0
-
-
-class _EvalImages(Dataset):
-    def __init__(self, source: ImageSource, size: int, resize: int | None, skip_bad: bool) -> None:
-        self.source, self.transform, self.skip_bad = source, eval_pipeline(size, resize), skip_bad
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
-        try:
-            return self.transform(self.source.load_image(i)), i
-        except BadImageError:
-            if self.skip_bad:
-                return None, i
-            raise
-
-
-def _collate(items: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor | None, torch.Tensor]:
-    good = [(x, i) for x, i in items if x is not None]
-    if not good:
-        return None, torch.empty(0, dtype=torch.long)
-    return torch.stack([x for x, _ in good]), torch.tensor([i for _, i in good])
 
 
 @torch.no_grad()
@@ -66,12 +43,12 @@ def extract_features(
     """
     fn = model.embed if layer == "embedding" else model.features  # type: ignore[union-attr]
     v = recipe.views
-    ds = _EvalImages(source, v.eval_size, v.eval_resize, recipe.data.skip_bad_images)
-    loader = DataLoader(
-        ds,
+    loader = plain_loader(
+        source,
+        eval_pipeline(v.eval_size, v.eval_resize),
         batch_size=batch_size or recipe.eval.batch_size,
         num_workers=recipe.data.num_workers if num_workers is None else num_workers,
-        collate_fn=_collate,
+        skip_bad=recipe.data.skip_bad_images,
     )
     autocast = recipe.trainer.precision == "bf16"
     chunks: list[torch.Tensor] = []
@@ -89,7 +66,7 @@ def extract_features(
     )
     try:
         with progress:
-            task = progress.add_task(description, total=len(ds))
+            task = progress.add_task(description, total=len(source))
             for images, idx in loader:
                 if images is not None:
                     x = normalize_batch(images.to(device), v.mean, v.std, channels_last=recipe.trainer.channels_last)
@@ -104,4 +81,4 @@ def extract_features(
         raise BadImageError(source.spec, "no readable image in this split")
     index = torch.cat(kept)
     labels = source.labels()
-    return FeatureSet(torch.cat(chunks), None if labels is None else labels[index], len(ds) - len(index))
+    return FeatureSet(torch.cat(chunks), None if labels is None else labels[index], len(source) - len(index))

@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from clcli.data import ImageSource
 from clcli.data.images import read_image_file
 from clcli.errors import BadImageError, CheckpointError, ClcliError, DataError
 from clcli.text.templates import fill, load_templates
+from clcli.views.pipelines import eval_pipeline
+from clcli.views.plain import plain_loader
 
 __all__ = [
     "ImageFiles",
@@ -136,32 +136,7 @@ class Preprocess:
     bf16: bool = False
 
     def transform(self) -> Any:
-        mode = v2.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
-        resize = v2.Resize(self.resize or self.size, interpolation=mode, antialias=True)
-        return v2.Compose([resize, v2.CenterCrop(self.size)])
-
-
-class _Images(Dataset):
-    def __init__(self, source: ImageSource, transform: Any, skip_bad: bool) -> None:
-        self.source, self.transform, self.skip_bad = source, transform, skip_bad
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
-        try:
-            return self.transform(self.source.load_image(i)), i
-        except BadImageError:
-            if self.skip_bad:
-                return None, i
-            raise
-
-
-def _collate(items: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor | None, torch.Tensor]:
-    good = [(x, i) for x, i in items if x is not None]
-    if not good:
-        return None, torch.empty(0, dtype=torch.long)
-    return torch.stack([x for x, _ in good]), torch.tensor([i for _, i in good])
+        return eval_pipeline(self.size, self.resize, self.interpolation)
 
 
 # ---------------------------------------------------------------------------------- maths
@@ -200,11 +175,8 @@ def zeroshot_scores(
     console: Console | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[N, C]`` (logit scale x cosine similarity) of every readable image, and their indices."""
-    loader = DataLoader(
-        _Images(source, preprocess.transform(), skip_bad_images),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
+    loader = plain_loader(
+        source, preprocess.transform(), batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad_images
     )
     mean = torch.tensor(preprocess.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(preprocess.std, device=device).view(1, -1, 1, 1)

@@ -53,7 +53,6 @@ from rich.file_proxy import FileProxy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from torch.utils.data import DataLoader, Dataset
 
 from clcli.errors import BadImageError, RecipeError, TrainingError
 from clcli.losses import deepcluster_loss
@@ -63,6 +62,7 @@ from clcli.models.heads import MLP
 from clcli.recipe import MethodConfig
 from clcli.views import normalize_batch
 from clcli.views.pipelines import eval_pipeline
+from clcli.views.plain import plain_loader
 
 
 class DeepClusterConfig(MethodConfig):
@@ -106,31 +106,6 @@ class SobelFilter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = F.conv2d(x, self.gray.to(x.dtype))
         return F.conv2d(g, self.kernels.to(x.dtype), padding=1)
-
-
-class _CenterCrops(Dataset):
-    """Training images resized and centre-cropped, without augmentation (uint8), with their index."""
-
-    def __init__(self, source: Any, size: int, resize: int | None, skip_bad: bool) -> None:
-        self.source, self.transform, self.skip_bad = source, eval_pipeline(size, resize), skip_bad
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
-        try:
-            return self.transform(self.source.load_image(i)), i
-        except BadImageError:
-            if self.skip_bad:
-                return None, i
-            raise
-
-
-def _collate(items: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor | None, torch.Tensor]:
-    good = [(x, i) for x, i in items if x is not None]
-    if not good:
-        return None, torch.empty(0, dtype=torch.long)
-    return torch.stack([x for x, _ in good]), torch.tensor([i for _, i in good], dtype=torch.long)
 
 
 def _seed(seed: int, epoch: int, salt: int) -> int:
@@ -278,12 +253,12 @@ class DeepCluster(Method):
     def _extract(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         r = self._recipe
         v = r.views
-        ds = _CenterCrops(self._source, v.eval_size, v.eval_resize, r.data.skip_bad_images)
-        loader = DataLoader(
-            ds,
+        loader = plain_loader(
+            self._source,
+            eval_pipeline(v.eval_size, v.eval_resize),
             batch_size=self.cfg.cluster_batch_size or r.eval.batch_size,
             num_workers=r.data.num_workers,
-            collate_fn=_collate,
+            skip_bad=r.data.skip_bad_images,
         )
         autocast = r.trainer.precision == "bf16"
         feats: list[torch.Tensor] = []
@@ -292,7 +267,7 @@ class DeepCluster(Method):
         # bar: a second live bar would fight it for the same line, so print one line there instead.
         under_live = isinstance(sys.stderr, FileProxy)
         if under_live:
-            print(f"deepcluster: computing features of {len(ds)} images for k-means", file=sys.stderr)
+            print(f"deepcluster: computing features of {len(self._source)} images for k-means", file=sys.stderr)
         console = Console(stderr=True)
         progress = Progress(
             TextColumn("clustering features"),
@@ -307,7 +282,7 @@ class DeepCluster(Method):
         self.eval()
         try:
             with progress:
-                task = progress.add_task("features", total=len(ds))
+                task = progress.add_task("features", total=len(self._source))
                 for images, idx in loader:
                     if images is not None:
                         x = normalize_batch(images.to(device), v.mean, v.std, channels_last=r.trainer.channels_last)

@@ -57,9 +57,14 @@ def center_pipeline(group: ViewGroup) -> Pipeline:
     return eval_pipeline(group.size, group.size)
 
 
-def eval_pipeline(size: int, resize: int | None = None) -> Pipeline:
-    """The evaluation transform: shorter side to ``resize`` (default ``size``), centre crop ``size``."""
-    return v2.Compose([v2.Resize(resize or size, antialias=True), v2.CenterCrop(size)])
+def eval_pipeline(size: int, resize: int | None = None, interpolation: str = "bilinear") -> Pipeline:
+    """The evaluation transform: shorter side to ``resize`` (default ``size``), centre crop ``size``.
+
+    ``interpolation``: ``bilinear`` (ours) or ``bicubic`` (what imported CLIP models were trained with).
+    """
+    modes = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+    resize_to = v2.Resize(resize or size, interpolation=modes[interpolation], antialias=True)
+    return v2.Compose([resize_to, v2.CenterCrop(size)])
 
 
 class ViewMaker:
