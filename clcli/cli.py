@@ -165,8 +165,36 @@ def pretrain(
 
 # ------------------------------------------------------------------------------------ eval
 RunOpt = Annotated[Path, typer.Option("--run", help="The run folder written by `clcli pretrain`.")]
+EvalRunOpt = Annotated[
+    Path | None,
+    typer.Option("--run", help="The run folder written by `clcli pretrain` (or give --checkpoint FILE instead)."),
+]
 CkptOpt = Annotated[
     Path | None, typer.Option("--checkpoint", help="A checkpoint folder of the run [default: its latest].")
+]
+EvalCkptOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        help="With --run: a checkpoint folder of the run [default: its latest]. Without --run: a pretrained CLIP "
+        "checkpoint file in the OpenAI / open_clip layout, whose image tower is evaluated on --data.",
+    ),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-torchscript",
+        help="Allow a TorchScript archive as --checkpoint (OpenAI's .pt files). Loading one runs code stored in "
+        "the file: use only files from a source you trust.",
+    ),
+]
+ActivationOpt = Annotated[
+    str,
+    typer.Option(
+        "--activation",
+        help="MLP activation of a --checkpoint CLIP file: quick_gelu (OpenAI's models, open_clip's *-quickgelu) "
+        "or gelu (open_clip's other models).",
+    ),
 ]
 DataOpt = Annotated[
     str | None,
@@ -196,7 +224,10 @@ FeaturesOpt = Annotated[
 TrainLimitOpt = Annotated[int | None, typer.Option("--train-limit", help="Use only the first N reference images.")]
 TestLimitOpt = Annotated[int | None, typer.Option("--test-limit", help="Use only the first N test images.")]
 OutputOpt = Annotated[
-    Path | None, typer.Option("--output", help="Where to write the JSON result [default: RUN/eval/<protocol>.json].")
+    Path | None,
+    typer.Option(
+        "--output", help="Where to write the JSON result [default: RUN/eval/<protocol>.json; none for a file]."
+    ),
 ]
 
 
@@ -210,8 +241,10 @@ def _check_features(features: str | None) -> None:
 @eval_app.command("knn")
 @user_errors
 def eval_knn(
-    run: RunOpt,
-    checkpoint: CkptOpt = None,
+    run: EvalRunOpt = None,
+    checkpoint: EvalCkptOpt = None,
+    trust_torchscript: TrustOpt = False,
+    activation: ActivationOpt = "quick_gelu",
     data: DataOpt = None,
     train_split: TrainSplitOpt = None,
     test_split: TestSplitOpt = None,
@@ -236,6 +269,9 @@ def eval_knn(
 
     Features are L2-normalised; each test image's k most similar reference images vote with weight
     exp(s/T). The JSON result records k, T, the feature layer, the splits and the checkpoint.
+
+    A pretrained CLIP file needs no run: `clcli eval knn --checkpoint ViT-B-32.safetensors --data DIR`
+    evaluates its image tower (images resized as CLIP was trained: bicubic, OpenAI's mean and std).
     """
     from clcli.evaluate.protocols import knn_eval
 
@@ -243,6 +279,8 @@ def eval_knn(
     result = knn_eval(
         run,
         checkpoint=checkpoint,
+        trust_torchscript=trust_torchscript,
+        activation=activation,
         data=data,
         train_split=train_split,
         test_split=test_split,
@@ -266,8 +304,10 @@ def eval_knn(
 @eval_app.command("linear")
 @user_errors
 def eval_linear(
-    run: RunOpt,
-    checkpoint: CkptOpt = None,
+    run: EvalRunOpt = None,
+    checkpoint: EvalCkptOpt = None,
+    trust_torchscript: TrustOpt = False,
+    activation: ActivationOpt = "quick_gelu",
     data: DataOpt = None,
     train_split: TrainSplitOpt = None,
     test_split: TestSplitOpt = None,
@@ -281,6 +321,7 @@ def eval_linear(
 
     The L2 strength is chosen from the recipe's eval.linear_l2 on a held-out part of the training
     split, then the classifier is refit on the whole split and scored on the test split.
+    Like `eval knn`, it also takes a pretrained CLIP file: --checkpoint FILE --data SPEC.
     """
     from clcli.evaluate.protocols import linear_eval
 
@@ -288,6 +329,8 @@ def eval_linear(
     result = linear_eval(
         run,
         checkpoint=checkpoint,
+        trust_torchscript=trust_torchscript,
+        activation=activation,
         data=data,
         train_split=train_split,
         test_split=test_split,
@@ -357,26 +400,21 @@ def zeroshot(
             "installed open_clip package).",
         ),
     ] = None,
-    trust_torchscript: Annotated[
-        bool,
-        typer.Option(
-            "--trust-torchscript",
-            help="Allow a TorchScript archive as --checkpoint (OpenAI's .pt files). Loading one runs code stored in "
-            "the file: use only files from a source you trust.",
-        ),
-    ] = False,
-    activation: Annotated[
-        str,
-        typer.Option(
-            "--activation",
-            help="MLP activation of a --checkpoint model: quick_gelu (OpenAI's models, open_clip's *-quickgelu) or "
-            "gelu (open_clip's other models).",
-        ),
-    ] = "quick_gelu",
+    trust_torchscript: TrustOpt = False,
+    activation: ActivationOpt = "quick_gelu",
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Predictions shown per image.")] = 5,
     predictions: Annotated[
         bool, typer.Option("--predictions", help="Also list per-image predictions for labelled data.")
     ] = False,
+    calibrate: Annotated[
+        str,
+        typer.Option(
+            "--calibrate",
+            help="none, or zscore: standardise each label's scores over all the images classified. Counters a "
+            "model's bias towards the labels it was trained on when a large, mixed collection also holds images "
+            "of labels it never saw (generalised zero-shot); leave it off for a few images or a single class.",
+        ),
+    ] = "none",
     output: OutputOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -403,6 +441,7 @@ def zeroshot(
         limit=limit,
         top_k=top_k,
         predictions=predictions,
+        calibrate=calibrate,
         output=output,
         console=_console(as_json),
         show_progress=not as_json,
@@ -419,7 +458,8 @@ def zeroshot(
                 table.add_row(row["class"], row["label"], str(row["images"]), top1, top5)
         console.print(table)
         console.print(
-            f"zero-shot ({len(result['labels'])} labels, {result['num_templates']} templates, classes matched "
+            f"zero-shot ({len(result['labels'])} labels, {result['num_templates']} templates"
+            f"{', z-score calibrated' if result['calibrate'] != 'none' else ''}, classes matched "
             f"{result['matched']}): top-1 [bold]{result['top1']:.4f}[/]  top-5 {result['top5']:.4f} "
             f"on {result['images']} images"
         )

@@ -183,3 +183,68 @@ def test_open_clip_vit_b_32_exported_and_imported_gives_the_same_embeddings(tmp_
     with torch.no_grad():
         assert torch.allclose(ours.encode_image(images), ref_image, atol=1e-5)
         assert torch.allclose(ours.encode_text(TEXTS), ref_text, atol=1e-5)
+
+
+def _labelled_folder(root, per_class: int, seed: int) -> None:
+    for c, name in enumerate(("cat", "ship")):
+        for k in range(per_class):
+            write_image(root / name / f"{k}.png", seed=seed + 10 * c + k, size=(40, 30))
+
+
+def test_eval_knn_and_linear_take_an_imported_checkpoint_file(tmp_path):
+    """`clcli eval knn|linear --checkpoint FILE --data DIR`: the image tower of a pretrained CLIP, no run."""
+    from torchvision.transforms import v2
+
+    model = small_open_clip("vit", True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    _labelled_folder(tmp_path / "data" / "train", 4, 0)
+    _labelled_folder(tmp_path / "data" / "test", 3, 100)
+    base = ["--checkpoint", str(tmp_path / "clip.safetensors"), "--data", str(tmp_path / "data"), "--json"]
+    result = runner.invoke(app, ["eval", "knn", *base, "--k", "3", "--temperature", "0.1"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["run"] is None and out["method"] == "clip (imported)" and out["activation"] == "quick_gelu"
+    assert (out["train_images"], out["test_images"], out["feature_dim"]) == (8, 6, 48)
+
+    # the same vote by hand: open_clip's image embeddings of bicubic-resized, centre-cropped images
+    from PIL import Image
+
+    prep = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize(32, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(32),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        ]
+    )
+
+    def embed(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        files = sorted((tmp_path / "data" / split).rglob("*.png"))
+        x = torch.stack([prep(Image.open(f).convert("RGB")) for f in files])
+        with torch.no_grad():
+            return model.encode_image(x, normalize=True), torch.tensor([f.parent.name == "ship" for f in files]).long()
+
+    (ftr, ytr), (fte, yte) = embed("train"), embed("test")
+    sims, idx = (fte @ ftr.t()).topk(3, dim=1)
+    votes = torch.zeros(len(fte), 2).scatter_add_(1, ytr[idx], (sims / 0.1).exp())
+    assert out["top1"] == pytest.approx((votes.argmax(1) == yte).float().mean().item())
+
+    result = runner.invoke(app, ["eval", "linear", *base, "--output", str(tmp_path / "lin.json")])
+    assert result.exit_code == 0, result.output
+    assert 0.0 <= json.loads(result.output)["top1"] <= 1.0
+    assert json.loads((tmp_path / "lin.json").read_text())["checkpoint"] == str(tmp_path / "clip.safetensors")
+
+
+def test_eval_without_a_run_or_data_says_what_to_give(tmp_path):
+    save_file({"fc.weight": torch.zeros(2, 4)}, str(tmp_path / "r.safetensors"))
+    cases = [
+        ([], "give --run RUN"),
+        (["--checkpoint", str(tmp_path / "r.safetensors")], "give --data SPEC"),
+        (["--checkpoint", str(tmp_path)], "goes with --run"),
+        (["--checkpoint", str(tmp_path / "r.safetensors"), "--data", str(tmp_path)], "missing keys"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["eval", "knn", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in " ".join(result.output.split()), (args, result.output)

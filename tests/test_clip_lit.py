@@ -93,25 +93,27 @@ def test_locked_tower_caches_captions_stays_out_of_checkpoints_and_reloads(tmp_p
 def test_held_out_classes_with_the_locked_text_tower(tmp_path):
     """Train on 8 CIFAR-10 classes; classify test images of the 2 held-out ones (cat, truck).
 
-    Among the two held-out labels only (zero-shot learning) the locked text space carries the
-    classes over well above chance (0.5).  Among all ten labels (generalised zero-shot) the true
-    label ranks better than chance (mean rank below 5.5, top-5 above 0.5), but top-1 stays low:
-    an image tower trained on 8 classes maps the unseen images next to the seen classes' text
-    (the well-known bias towards seen classes); see the closing report for the figures.
+    Zero-shot learning: among the two held-out labels only, the locked text space carries the
+    classes over well above chance (0.5).  Generalised zero-shot (the standard protocol: a test
+    set of all ten classes, classified among all ten labels): the held-out classes score above
+    chance (0.1) once each label's scores are standardised over the test set (--calibrate zscore);
+    without it the image tower's pull towards the eight trained labels leaves them below.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     held = pa.array([3, 9], pa.int64())
-    data = tmp_path / "cifar8"
+    data, mixed = tmp_path / "cifar8", tmp_path / "cifar10"
     data.mkdir()
+    mixed.mkdir()
     train = pq.read_table(CIFAR / "train.parquet")
     pq.write_table(
         train.filter(pc.invert(pc.is_in(train["label"], value_set=held))).slice(0, 1536), data / "train.parquet"
     )
     test = pq.read_table(CIFAR / "test.parquet")
     pq.write_table(test.filter(pc.is_in(test["label"], value_set=held)).slice(0, 600), data / "test.parquet")
+    pq.write_table(test.slice(0, 2000), mixed / "test.parquet")
     recipe = load_recipe(
         "clip-lit",
         [*LIT_TINY, f"data.source={data}", "data.limit=1536", "trainer.batch_size=128", "trainer.steps=48",
@@ -120,9 +122,44 @@ def test_held_out_classes_with_the_locked_text_tower(tmp_path):
     pretrain(recipe, tmp_path / "run")
     unseen = zeroshot(tmp_path / "run", data=str(data), split="test", labels=["cat", "truck"], templates="cifar10")
     assert unseen["images"] == 600 and unseen["top1"] > 0.6, unseen["per_class"]
-    everything = zeroshot(tmp_path / "run", data=str(data), split="test", labels=NAMES, templates="cifar10")
-    assert everything["mean_rank"] < 5.5 and everything["top5"] > 0.5, everything["per_class"]
+
+    def held_out_top1(result: dict) -> tuple[float, float]:
+        rows = result["per_class"]
+        held_rows = [r for r in rows if r["class"] in ("cat", "truck")]
+        seen_rows = [r for r in rows if r["class"] not in ("cat", "truck")]
+        assert len(held_rows) == 2 and len(seen_rows) == 8
+        mean = lambda rs: sum(r["top1"] * r["images"] for r in rs) / sum(r["images"] for r in rs)  # noqa: E731
+        return mean(held_rows), mean(seen_rows)
+
+    kw = {"data": str(mixed), "split": "test", "labels": NAMES, "templates": "cifar10"}
+    plain = zeroshot(tmp_path / "run", **kw)
+    calibrated = zeroshot(tmp_path / "run", calibrate="zscore", **kw)
+    assert calibrated["images"] == 2000 and calibrated["calibrate"] == "zscore"
+    (held_plain, _), (held_cal, seen_cal) = held_out_top1(plain), held_out_top1(calibrated)
+    assert held_cal > 0.1 and held_cal > held_plain, (plain["per_class"], calibrated["per_class"])
+    assert seen_cal > 0.25, calibrated["per_class"]  # the trained classes stay well above chance
     shutil.rmtree(data)
+    shutil.rmtree(mixed)
+
+
+def test_zscore_calibration_removes_a_per_label_offset():
+    from clcli.evaluate.zeroshot import calibrate_scores
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(500, 4, generator=g) * 3.0
+    biased = clean + torch.tensor([10.0, 0.0, 0.0, 0.0])  # label 0 scores high on every image
+    assert (biased.argmax(1) == 0).float().mean() > 0.8
+    fixed = calibrate_scores(biased, "zscore")
+    assert torch.equal(fixed.argmax(1), calibrate_scores(clean, "zscore").argmax(1))
+    col_mean, col_std = fixed.mean(0), fixed.std(0)
+    assert torch.allclose(col_mean, col_mean.mean().expand(4), atol=1e-4)
+    assert torch.allclose(col_std, col_std.mean().expand(4), atol=1e-4)
+    assert torch.allclose(col_std.mean(), biased.std(0).mean(), atol=1e-4)  # probabilities keep their scale
+    assert calibrate_scores(biased, "none") is biased
+    with pytest.raises(ClcliError, match="at least 2 images"):
+        calibrate_scores(biased[:1], "zscore")
+    with pytest.raises(ClcliError, match="--calibrate must be one of none, zscore"):
+        calibrate_scores(biased, "softmax")
 
 
 def test_lit_recipe_resolves_the_packaged_encoder():

@@ -36,6 +36,7 @@ def extract_features(
     show_progress: bool = False,
     console: Console | None = None,
     description: str = "features",
+    interpolation: str = "bilinear",
 ) -> FeatureSet:
     """Features of every image of ``source`` (resized and centre-cropped, no augmentation).
 
@@ -45,7 +46,7 @@ def extract_features(
     v = recipe.views
     loader = plain_loader(
         source,
-        eval_pipeline(v.eval_size, v.eval_resize),
+        eval_pipeline(v.eval_size, v.eval_resize, interpolation),
         batch_size=batch_size or recipe.eval.batch_size,
         num_workers=recipe.data.num_workers if num_workers is None else num_workers,
         skip_bad=recipe.data.skip_bad_images,

@@ -17,7 +17,66 @@ from clcli.evaluate.features import FeatureSet, extract_features
 from clcli.evaluate.knn import knn_accuracy
 from clcli.evaluate.linear import linear_probe
 from clcli.methods.base import Method
-from clcli.recipe import Recipe
+from clcli.recipe import DataConfig, Recipe, TrainerConfig, ViewsConfig
+
+
+class _Source:
+    """What is evaluated: a run's method, or the image tower of an imported CLIP checkpoint file."""
+
+    def __init__(
+        self,
+        run_dir: Path | None,
+        checkpoint: Path | None,
+        data: str | None,
+        trust_torchscript: bool,
+        activation: str,
+    ) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None:
+            self.recipe, self.model, self.checkpoint = load_run(self.run_dir, checkpoint)
+            self.interpolation = "bilinear"
+            self.method_name = self.recipe.method.name
+            self.extra: dict[str, Any] = {}
+            return
+        if checkpoint is None:
+            raise ClcliError(
+                "give --run RUN (a run folder of clcli pretrain) or --checkpoint FILE (a pretrained CLIP checkpoint "
+                "in the OpenAI / open_clip layout) with --data SPEC"
+            )
+        if Path(checkpoint).is_dir():
+            raise ClcliError(f"{checkpoint} is a folder: a run's checkpoint folder goes with --run RUN")
+        if data is None:
+            raise ClcliError("an imported CLIP checkpoint has no training data of its own: give --data SPEC")
+        if activation not in ("gelu", "quick_gelu"):
+            raise ClcliError(f"--activation must be 'quick_gelu' or 'gelu', got {activation!r}")
+        from clcli.models.clip_import import load_clip
+
+        model = load_clip(checkpoint, trust_torchscript=trust_torchscript, activation=activation)  # type: ignore[arg-type]
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(device)
+        pre = model.preprocess
+        self.recipe = Recipe(
+            data=DataConfig(source=data),
+            views=ViewsConfig(eval_size=pre["size"], eval_resize=pre["resize"], mean=pre["mean"], std=pre["std"]),
+            trainer=TrainerConfig(precision="bf16" if device.type == "cuda" else "fp32"),
+        )
+        self.checkpoint = Path(checkpoint)
+        self.interpolation = pre["interpolation"]
+        self.method_name = "clip (imported)"
+        self.extra = {"activation": activation}
+
+    def default_output(self, protocol: str, output: Path | None) -> Path | None:
+        if output is not None:
+            return Path(output)
+        return self.run_dir / "eval" / f"{protocol}.json" if self.run_dir is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "checkpoint": str(self.checkpoint),
+            "run": None if self.run_dir is None else str(self.run_dir),
+            "method": self.method_name,
+            **self.extra,
+        }
 
 
 def _open_split(recipe: Recipe, spec: str, split: str, limit: int | None) -> ImageSource:
@@ -42,6 +101,7 @@ def _features(
     device: torch.device,
     console: Console | None,
     show_progress: bool,
+    interpolation: str = "bilinear",
 ) -> tuple[FeatureSet, FeatureSet, int]:
     sets = []
     classes = None
@@ -58,6 +118,7 @@ def _features(
                 show_progress=show_progress,
                 console=console,
                 description=f"{split} features",
+                interpolation=interpolation,
             )
         )
     train, test = sets
@@ -119,15 +180,20 @@ def _bank_features(
     return FeatureSet(vectors, labels), test, num_classes
 
 
-def _write(result: dict[str, Any], out: Path) -> None:
+def _write(result: dict[str, Any], out: Path | None) -> None:
+    if out is None:
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    result["output"] = str(out)
 
 
 def knn_eval(
-    run_dir: Path,
+    run_dir: Path | None,
     *,
     checkpoint: Path | None = None,
+    trust_torchscript: bool = False,
+    activation: str = "quick_gelu",
     data: str | None = None,
     train_split: str | None = None,
     test_split: str | None = None,
@@ -140,8 +206,13 @@ def knn_eval(
     console: Console | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Weighted kNN (votes exp(s/T) over the top k by cosine similarity) from one split to another."""
-    recipe, method, ckpt_path = load_run(Path(run_dir), checkpoint)
+    """Weighted kNN (votes exp(s/T) over the top k by cosine similarity) from one split to another.
+
+    ``run_dir`` is a run folder; or ``None`` with ``checkpoint`` a pretrained CLIP file (OpenAI /
+    open_clip layout) and ``data`` the labelled images: its image tower is evaluated.
+    """
+    src = _Source(run_dir, checkpoint, data, trust_torchscript, activation)
+    recipe, method = src.recipe, src.model
     device = next(method.parameters()).device
     spec = data or recipe.data.source
     splits = (train_split or recipe.data.train_split, test_split or recipe.data.test_split)
@@ -149,6 +220,8 @@ def knn_eval(
     k = k or recipe.eval.knn_k
     t = temperature or recipe.eval.knn_temperature
     if layer == "bank":
+        if src.run_dir is None:
+            raise ClcliError("--features bank needs a run with a memory bank, not a checkpoint file")
         train, test, num_classes = _bank_features(
             method, recipe, data, train_split, train_limit, test_limit, device, console, show_progress
         )
@@ -157,7 +230,16 @@ def knn_eval(
         if train_limit is None and data is None:
             train_limit = recipe.data.limit
         train, test, num_classes = _features(
-            method, recipe, spec, splits, (train_limit, test_limit), layer, device, console, show_progress
+            method,
+            recipe,
+            spec,
+            splits,
+            (train_limit, test_limit),
+            layer,
+            device,
+            console,
+            show_progress,
+            src.interpolation,
         )
     assert train.labels is not None and test.labels is not None
     scores = knn_accuracy(
@@ -176,19 +258,19 @@ def knn_eval(
         "test_split": splits[1],
         "train_images": int(train.features.shape[0]),
         "test_images": int(test.features.shape[0]),
-        "checkpoint": str(ckpt_path),
-        "run": str(run_dir),
-        "method": recipe.method.name,
+        **src.describe(),
         "evaluated": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    _write(result, Path(output) if output else Path(run_dir) / "eval" / "knn.json")
+    _write(result, src.default_output("knn", output))
     return result
 
 
 def linear_eval(
-    run_dir: Path,
+    run_dir: Path | None,
     *,
     checkpoint: Path | None = None,
+    trust_torchscript: bool = False,
+    activation: str = "quick_gelu",
     data: str | None = None,
     train_split: str | None = None,
     test_split: str | None = None,
@@ -199,8 +281,12 @@ def linear_eval(
     console: Console | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Logistic regression on frozen, pre-extracted features; L2 strength chosen on held-out train data."""
-    recipe, method, ckpt_path = load_run(Path(run_dir), checkpoint)
+    """Logistic regression on frozen, pre-extracted features; L2 strength chosen on held-out train data.
+
+    ``run_dir`` and ``checkpoint`` as for :func:`knn_eval`.
+    """
+    src = _Source(run_dir, checkpoint, data, trust_torchscript, activation)
+    recipe, method = src.recipe, src.model
     device = next(method.parameters()).device
     spec = data or recipe.data.source
     splits = (train_split or recipe.data.train_split, test_split or recipe.data.test_split)
@@ -210,7 +296,16 @@ def linear_eval(
     if train_limit is None and data is None:
         train_limit = recipe.data.limit
     train, test, num_classes = _features(
-        method, recipe, spec, splits, (train_limit, test_limit), layer, device, console, show_progress
+        method,
+        recipe,
+        spec,
+        splits,
+        (train_limit, test_limit),
+        layer,
+        device,
+        console,
+        show_progress,
+        src.interpolation,
     )
     assert train.labels is not None and test.labels is not None
     res = linear_probe(
@@ -230,11 +325,9 @@ def linear_eval(
         "data": spec,
         "train_split": splits[0],
         "test_split": splits[1],
-        "checkpoint": str(ckpt_path),
-        "run": str(run_dir),
-        "method": recipe.method.name,
+        **src.describe(),
     }
     result["protocol"] = "linear"
     result["protocol_details"] = res.get("protocol")
-    _write(result, Path(output) if output else Path(run_dir) / "eval" / "linear.json")
+    _write(result, src.default_output("linear", output))
     return result

@@ -13,6 +13,15 @@ layout with CLIP's BPE vocabulary (``--checkpoint FILE --vocab FILE``, see
 gets its top predictions) or from a data spec (``--data``: when it is labelled, top-1 / top-5
 accuracy and a per-class table; the data's class names are matched to the labels by name, or by
 position when the names are not among the labels but the counts agree).
+
+Calibration (``--calibrate zscore``, off by default) is for classifying a whole collection of
+images from a mix of classes: a model trained on some of the labels scores those labels high on
+every image, so images of labels it never trained on are pulled to the trained ones (the bias of
+generalised zero-shot learning, Chao et al. 2016, arXiv:1605.04253).  Standardising each label's
+scores over the collection (subtract the label's mean, divide by its standard deviation, then
+restore the overall mean and spread so probabilities keep their scale) removes that per-label
+offset without knowing which labels were trained.  It assumes the collection holds many images
+and no label dominates; on a handful of images, or images of one class, leave it off.
 """
 
 from __future__ import annotations
@@ -207,6 +216,27 @@ def zeroshot_scores(
     return torch.cat(logits), torch.cat(kept)
 
 
+CALIBRATIONS = ("none", "zscore")
+
+
+def calibrate_scores(logits: torch.Tensor, how: str = "zscore") -> torch.Tensor:
+    """Per-label standardisation of ``[N, C]`` logits over the N images (see the module docstring).
+
+    Each column becomes ``(s - mean_c) / std_c * std + mean`` where ``mean_c`` and ``std_c`` are the
+    column's statistics and ``mean`` and ``std`` their averages over the columns; ``none`` returns
+    the logits unchanged.
+    """
+    if how == "none":
+        return logits
+    if how != "zscore":
+        raise ClcliError(f"--calibrate must be one of {', '.join(CALIBRATIONS)}, got {how!r}")
+    if logits.shape[0] < 2:
+        raise ClcliError("--calibrate zscore standardises each label over the images: it needs at least 2 images")
+    x = logits.double()
+    mean, std = x.mean(dim=0), x.std(dim=0).clamp_min(1e-12)
+    return ((x - mean) / std * std.mean() + mean.mean()).to(logits.dtype)
+
+
 def _match_classes(data_classes: list[str], present: list[int], labels: list[str]) -> tuple[dict[int, int], str]:
     """For each data class present in the images, the index of its label; and how they were matched."""
 
@@ -286,6 +316,7 @@ def zeroshot(
     limit: int | None = None,
     top_k: int = 5,
     predictions: bool | None = None,
+    calibrate: str = "none",
     batch_size: int | None = None,
     output: Path | None = None,
     console: Console | None = None,
@@ -302,6 +333,8 @@ def zeroshot(
         raise ClcliError("give exactly one of --images PATH (a file or folder of images) and --data SPEC")
     if top_k < 1:
         raise ClcliError(f"--top-k must be at least 1, got {top_k}")
+    if calibrate not in CALIBRATIONS:
+        raise ClcliError(f"--calibrate must be one of {', '.join(CALIBRATIONS)}, got {calibrate!r}")
     label_list = read_labels(labels, labels_file) if (labels is not None or labels_file is not None) else None
     model, recipe, pre, info = _load_model(run_dir, checkpoint, vocab, trust_torchscript, activation)
     device = next(model.parameters()).device
@@ -344,6 +377,7 @@ def zeroshot(
         show_progress=show_progress,
         console=console,
     )
+    logits = calibrate_scores(logits, calibrate)
     probs = logits.softmax(dim=1)
     k = min(top_k, len(label_list))
     result: dict[str, Any] = {
@@ -357,6 +391,7 @@ def zeroshot(
         "templates": template_list if len(template_list) <= 3 else f"{template_spec} ({len(template_list)} templates)",
         "num_templates": len(template_list),
         "logit_scale": float(model.logit_scale_value()),
+        "calibrate": calibrate,
     }
     data_labels = source.labels()
     labelled = data_labels is not None and source.classes is not None
