@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from clcli.recipe import Recipe, load_recipe
@@ -27,3 +28,13 @@ TINY = [
 
 def tiny_recipe(*extra: str, name: str = "simclr") -> Recipe:
     return load_recipe(name, [*TINY, *extra])
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    """The logged loss values of a run, in order."""
+    return [r["loss"] for r in metric_rows(run_dir) if "loss" in r]

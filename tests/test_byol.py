@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -15,6 +14,8 @@ from clcli.losses import byol_loss
 from clcli.methods.base import Batch
 from clcli.methods.momentum import momentum_schedule
 from clcli.recipe import load_recipe
+
+from .helpers import losses
 
 TINY = [
     "model.backbone.name=convnet",
@@ -37,11 +38,6 @@ TINY = [
 
 def tiny(*extra: str):
     return load_recipe("byol", [*TINY, *extra])
-
-
-def losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 def reference_byol(q1: np.ndarray, q2: np.ndarray, z1: np.ndarray, z2: np.ndarray) -> float:

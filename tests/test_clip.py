@@ -21,7 +21,7 @@ from clcli.recipe import load_recipe
 from clcli.text import CIFAR10_TEMPLATES, IMAGENET_TEMPLATES, CaptionTokenizer, load_templates
 
 from .conftest import write_image
-from .helpers import CIFAR
+from .helpers import CIFAR, losses
 
 CLIP_TINY = [
     "model.backbone.name=convnet",
@@ -46,11 +46,6 @@ CLIP_TINY = [
 
 def clip_recipe(*extra: str, name: str = "clip"):
     return load_recipe(name, [*CLIP_TINY, *extra])
-
-
-def losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 # ------------------------------------------------------------------------------------ loss

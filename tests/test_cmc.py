@@ -3,7 +3,6 @@ graph, resume, learning on real colour images, and the exported two-encoder comp
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -20,7 +19,7 @@ from clcli.recipe import load_recipe
 from clcli.views.color import LAB_RANGE, normalize_lab, rgb_to_lab
 from clcli.views.pipelines import eval_pipeline
 
-from .helpers import CIFAR
+from .helpers import CIFAR, losses
 
 TINY = [
     "model.backbone.name=convnet",
@@ -42,11 +41,6 @@ TINY = [
 
 def tiny(*extra: str):
     return load_recipe("cmc", [*TINY, *extra])
-
-
-def losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 def build(recipe, n: int = 64):

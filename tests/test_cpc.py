@@ -3,7 +3,6 @@ resume, learning on real images, and the exported composite encoder."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -19,6 +18,8 @@ from clcli.methods.base import Batch
 from clcli.methods.cpc import ContextNetwork, MaskedConv2d, orient
 from clcli.recipe import load_recipe
 from clcli.views.patches import CPCPatches, grid_positions, grid_size, patch_grid
+
+from .helpers import losses
 
 TINY = [
     "views.groups.0.size=16",
@@ -44,11 +45,6 @@ TINY = [
 
 def tiny(*extra: str):
     return load_recipe("cpc", [*TINY, *extra])
-
-
-def losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 def coordinate_image(size: int) -> torch.Tensor:

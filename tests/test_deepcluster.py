@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -17,6 +16,8 @@ from clcli.methods.clustering import kmeans, normalized_mutual_info, pca_whiteni
 from clcli.methods.deepcluster import SobelFilter, uniform_cluster_order
 from clcli.recipe import load_recipe
 from clcli.views import ViewMaker, normalize_batch
+
+from .helpers import losses, metric_rows
 
 TINY = [
     "model.backbone.name=convnet",
@@ -38,14 +39,6 @@ TINY = [
 
 def tiny(*extra: str):
     return load_recipe("deepcluster", [*TINY, *extra])
-
-
-def rows(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in rows(run_dir) if "loss" in r]
 
 
 # ------------------------------------------------------------------------------------ k-means
@@ -248,7 +241,7 @@ def test_classifier_is_reinitialised_every_epoch_with_fresh_optimiser_state(tmp_
 def test_epochs_log_nmi_and_resume_reproduces_the_loss_sequence_bitwise(tmp_path):
     recipe = tiny("trainer.steps=7", "trainer.checkpoint_every=2")
     pretrain(recipe, tmp_path / "full")
-    full = rows(tmp_path / "full")
+    full = metric_rows(tmp_path / "full")
     epoch_rows = [r for r in full if "kmeans_loss" in r]
     assert [r["epoch"] for r in epoch_rows] == [0, 1, 2]
     assert "nmi_previous_epoch" not in epoch_rows[0]
@@ -259,7 +252,7 @@ def test_epochs_log_nmi_and_resume_reproduces_the_loss_sequence_bitwise(tmp_path
         assert stages.trainer.fit(stop_after=stop)["interrupted"]
         pretrain(recipe, tmp_path / f"cut{stop}", resume=True)
         assert losses(tmp_path / f"cut{stop}") == losses(tmp_path / "full")
-        cut_epochs = [r for r in rows(tmp_path / f"cut{stop}") if "kmeans_loss" in r]
+        cut_epochs = [r for r in metric_rows(tmp_path / f"cut{stop}") if "kmeans_loss" in r]
         assert [r["kmeans_loss"] for r in cut_epochs] == [r["kmeans_loss"] for r in epoch_rows]
 
 

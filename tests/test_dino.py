@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import numpy as np
@@ -18,6 +17,8 @@ from clcli.losses import dino_loss
 from clcli.methods.base import Batch, BuildContext
 from clcli.methods.dino import DINO
 from clcli.recipe import load_recipe
+
+from .helpers import losses, metric_rows
 
 TINY = [
     "model.backbone.name=convnet",
@@ -77,14 +78,6 @@ def random_views(b: int = 8, seed: int = 0, n_local: int = 6) -> tuple[list[torc
 def batch_of(views: list[torch.Tensor], names: list[str]) -> Batch:
     b = views[0].shape[0]
     return Batch(views, names, torch.arange(b), torch.zeros(b, dtype=torch.long))
-
-
-def records(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in records(run_dir) if "loss" in r]
 
 
 # ------------------------------------------------------------------------------------ the loss
@@ -342,7 +335,7 @@ def test_a_few_steps_of_the_recipe_lower_its_loss_on_real_images(tmp_path, recip
         recipe=recipe,
     )
     pretrain(r, tmp_path / "run")
-    rows = [x for x in records(tmp_path / "run") if "loss" in x]
+    rows = [x for x in metric_rows(tmp_path / "run") if "loss" in x]
     assert len(rows) == 8
 
     def drop(key: str) -> float:

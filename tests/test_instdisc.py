@@ -25,6 +25,8 @@ from clcli.methods.base import Batch
 from clcli.recipe import load_recipe
 from clcli.registry import SOURCES
 
+from .helpers import losses
+
 TINY = [
     "model.backbone.name=convnet",
     "model.backbone.width=8",
@@ -44,11 +46,6 @@ TINY = [
 
 def tiny(*extra: str):
     return load_recipe("instdisc", [*TINY, *extra])
-
-
-def losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 def metric(run_dir, key: str) -> list[float]:

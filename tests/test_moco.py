@@ -10,7 +10,6 @@ clear errors.
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import numpy as np
@@ -29,13 +28,7 @@ from clcli.methods.mocov3 import MoCoV3
 from clcli.methods.momentum import momentum_schedule
 from clcli.recipe import load_recipe
 
-from .helpers import TINY
-
-
-def losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
+from .helpers import TINY, losses
 
 MOCO_TINY = [*TINY, "method.queue_size=100", "method.bn_groups=4"]
 V3_TINY = [*TINY, "method.projector=[32, 16]", "method.predictor=[32, 16]", "views.groups.1.size=16"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -16,6 +15,8 @@ from clcli.methods.base import Batch
 from clcli.methods.simsiam import normalized_output_std
 from clcli.recipe import load_recipe
 from clcli.views import ViewMaker, normalize_batch
+
+from .helpers import losses, metric_rows
 
 TINY = [
     "model.backbone.name=convnet",
@@ -37,14 +38,6 @@ TINY = [
 
 def tiny(*extra: str):
     return load_recipe("simsiam", [*TINY, *extra])
-
-
-def rows(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in rows(run_dir) if "loss" in r]
 
 
 def reference_simsiam(p1: np.ndarray, p2: np.ndarray, z1: np.ndarray, z2: np.ndarray) -> float:
@@ -180,7 +173,7 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence_bitwise(tmp_path):
     assert stages.trainer.fit(stop_after=3)["interrupted"]
     pretrain(recipe, tmp_path / "cut", resume=True)
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
-    assert all("z_std" in r for r in rows(tmp_path / "full") if "loss" in r)
+    assert all("z_std" in r for r in metric_rows(tmp_path / "full") if "loss" in r)
 
 
 def test_bad_inputs_give_clear_errors():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import threading
 
@@ -19,6 +18,8 @@ from clcli.losses import sinkhorn, swav_loss
 from clcli.methods.base import Batch, BuildContext
 from clcli.methods.swav import SwAV
 from clcli.recipe import load_recipe
+
+from .helpers import losses, metric_rows
 
 TINY = [
     "model.backbone.name=convnet",
@@ -69,14 +70,6 @@ def random_views(b: int = 8, seed: int = 0, n_local: int = 6) -> tuple[list[torc
     views = [torch.randn(b, 3, 16, 16, generator=g) for _ in range(2)]
     views += [torch.randn(b, 3, 8, 8, generator=g) for _ in range(n_local)]
     return views, ["global"] * 2 + ["local"] * n_local
-
-
-def records(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in records(run_dir) if "loss" in r]
 
 
 # ------------------------------------------------------------------------------------- Sinkhorn
@@ -293,7 +286,7 @@ def test_queue_switches_on_at_the_resolved_point_and_is_used_once_full(tmp_path)
     recipe = tiny("method.queue_length=64", "method.queue_start_epoch=0.25", "trainer.steps=6")
     summary = pretrain(recipe, tmp_path / "run")
     assert summary["steps"] == 6
-    used = [r["queue_used"] for r in records(tmp_path / "run") if "queue_used" in r]
+    used = [r["queue_used"] for r in metric_rows(tmp_path / "run") if "queue_used" in r]
     assert used == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
     stages = prepare_training(recipe, tmp_path / "run", resume=True)
     queues = stages.method.queues
@@ -335,7 +328,9 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence_bitwise(tmp_path):
     assert summary["interrupted"] and summary["steps"] == 3
     pretrain(recipe, tmp_path / "cut", resume=True)
     assert losses(tmp_path / "cut") == full
-    assert [r["queue_used"] for r in records(tmp_path / "cut")] == [r["queue_used"] for r in records(tmp_path / "full")]
+    assert [r["queue_used"] for r in metric_rows(tmp_path / "cut")] == [
+        r["queue_used"] for r in metric_rows(tmp_path / "full")
+    ]
 
 
 def test_a_few_steps_of_the_recipe_lower_its_loss_on_real_images(tmp_path):

@@ -13,12 +13,7 @@ from clcli.engine import checkpoint as ckpt
 from clcli.errors import ClcliError, TrainingError
 from clcli.methods.base import StepOutput
 
-from .helpers import tiny_recipe
-
-
-def losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+from .helpers import losses, tiny_recipe
 
 
 def test_simclr_steps_lower_the_loss_on_real_images(tmp_path):
