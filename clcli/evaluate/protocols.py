@@ -65,6 +65,55 @@ class _Source:
         self.method_name = "clip (imported)"
         self.extra = {"activation": activation}
 
+    def split_features(
+        self,
+        data: str | None,
+        train_split: str | None,
+        test_split: str | None,
+        features: str | None,
+        train_limit: int | None,
+        test_limit: int | None,
+        console: Console | None,
+        show_progress: bool,
+        *,
+        allow_bank: bool,
+    ) -> tuple[FeatureSet, FeatureSet, int, dict[str, Any]]:
+        """Reference and test features, the number of classes, and what they are (data, splits, layer)."""
+        recipe, method = self.recipe, self.model
+        device = next(method.parameters()).device
+        spec = data or recipe.data.source
+        splits = (train_split or recipe.data.train_split, test_split or recipe.data.test_split)
+        layer = features or recipe.eval.features
+        if layer == "bank":
+            if not allow_bank:
+                raise ClcliError(
+                    "--features bank applies to kNN only; the linear probe uses backbone or embedding features"
+                )
+            if self.run_dir is None:
+                raise ClcliError("--features bank needs a run with a memory bank, not a checkpoint file")
+            train, test, num_classes = _bank_features(
+                method, recipe, data, train_split, train_limit, test_limit, device, console, show_progress
+            )
+            splits = (f"{recipe.data.train_split} (memory bank)", splits[1])
+        else:
+            if train_limit is None and data is None:
+                train_limit = recipe.data.limit
+            train, test, num_classes = _features(
+                method,
+                recipe,
+                spec,
+                splits,
+                (train_limit, test_limit),
+                layer,
+                device,
+                console,
+                show_progress,
+                self.interpolation,
+            )
+        assert train.labels is not None and test.labels is not None
+        what = {"features": layer, "data": spec, "train_split": splits[0], "test_split": splits[1]}
+        return train, test, num_classes, what
+
     def default_output(self, protocol: str, output: Path | None) -> Path | None:
         if output is not None:
             return Path(output)
@@ -212,35 +261,11 @@ def knn_eval(
     open_clip layout) and ``data`` the labelled images: its image tower is evaluated.
     """
     src = _Source(run_dir, checkpoint, data, trust_torchscript, activation)
-    recipe, method = src.recipe, src.model
-    device = next(method.parameters()).device
-    spec = data or recipe.data.source
-    splits = (train_split or recipe.data.train_split, test_split or recipe.data.test_split)
-    layer = features or recipe.eval.features
-    k = k or recipe.eval.knn_k
-    t = temperature or recipe.eval.knn_temperature
-    if layer == "bank":
-        if src.run_dir is None:
-            raise ClcliError("--features bank needs a run with a memory bank, not a checkpoint file")
-        train, test, num_classes = _bank_features(
-            method, recipe, data, train_split, train_limit, test_limit, device, console, show_progress
-        )
-        splits = (f"{recipe.data.train_split} (memory bank)", splits[1])
-    else:
-        if train_limit is None and data is None:
-            train_limit = recipe.data.limit
-        train, test, num_classes = _features(
-            method,
-            recipe,
-            spec,
-            splits,
-            (train_limit, test_limit),
-            layer,
-            device,
-            console,
-            show_progress,
-            src.interpolation,
-        )
+    k = k or src.recipe.eval.knn_k
+    t = temperature or src.recipe.eval.knn_temperature
+    train, test, num_classes, what = src.split_features(
+        data, train_split, test_split, features, train_limit, test_limit, console, show_progress, allow_bank=True
+    )
     assert train.labels is not None and test.labels is not None
     scores = knn_accuracy(
         train.features, train.labels, test.features, test.labels, k=k, temperature=t, num_classes=num_classes
@@ -251,11 +276,8 @@ def knn_eval(
         "top5": scores["top5"],
         "k": k,
         "temperature": t,
-        "features": layer,
+        **what,
         "feature_dim": int(train.features.shape[1]),
-        "data": spec,
-        "train_split": splits[0],
-        "test_split": splits[1],
         "train_images": int(train.features.shape[0]),
         "test_images": int(test.features.shape[0]),
         **src.describe(),
@@ -286,26 +308,9 @@ def linear_eval(
     ``run_dir`` and ``checkpoint`` as for :func:`knn_eval`.
     """
     src = _Source(run_dir, checkpoint, data, trust_torchscript, activation)
-    recipe, method = src.recipe, src.model
-    device = next(method.parameters()).device
-    spec = data or recipe.data.source
-    splits = (train_split or recipe.data.train_split, test_split or recipe.data.test_split)
-    layer = features or recipe.eval.features
-    if layer == "bank":
-        raise ClcliError("--features bank applies to kNN only; the linear probe uses backbone or embedding features")
-    if train_limit is None and data is None:
-        train_limit = recipe.data.limit
-    train, test, num_classes = _features(
-        method,
-        recipe,
-        spec,
-        splits,
-        (train_limit, test_limit),
-        layer,
-        device,
-        console,
-        show_progress,
-        src.interpolation,
+    recipe = src.recipe
+    train, test, num_classes, what = src.split_features(
+        data, train_split, test_split, features, train_limit, test_limit, console, show_progress, allow_bank=False
     )
     assert train.labels is not None and test.labels is not None
     res = linear_probe(
@@ -321,10 +326,7 @@ def linear_eval(
     )
     result = {
         **res,
-        "features": layer,
-        "data": spec,
-        "train_split": splits[0],
-        "test_split": splits[1],
+        **what,
         **src.describe(),
     }
     result["protocol"] = "linear"
