@@ -244,3 +244,20 @@ def test_eval_without_a_run_or_data_says_what_to_give(tmp_path):
         result = runner.invoke(app, ["eval", "knn", *args])
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit:FutureWarning")
+def test_a_torchscript_clip_loads_with_the_trust_flag_and_gives_open_clips_embeddings(tmp_path):
+    """OpenAI publishes TorchScript archives of whole models; with the flag their weights map as usual."""
+    model = small_open_clip("vit", True)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    tokens = open_clip.tokenize(TEXTS)
+    traced = torch.jit.trace(model, (images, tokens), strict=False, check_trace=False)
+    traced.save(str(tmp_path / "clip.pt"))
+    with pytest.raises(CheckpointError, match="--trust-torchscript"):
+        load_clip(tmp_path / "clip.pt")
+    ours = load_clip(tmp_path / "clip.pt", trust_torchscript=True)
+    ref_image, ref_text = reference_embeddings(model, images)
+    with torch.no_grad():
+        assert torch.allclose(ours.encode_image(images), ref_image, atol=1e-5)
+        assert torch.allclose(ours.encode_text(TEXTS), ref_text, atol=1e-5)
