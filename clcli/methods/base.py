@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from clcli.recipe import MethodConfig, Recipe
+from clcli.errors import CheckpointError
+from clcli.recipe import MethodConfig, Recipe, validate_recipe
 
 
 @dataclass
@@ -144,3 +145,17 @@ class Method(nn.Module):
 
     def extra_metadata(self) -> dict[str, Any]:
         return {}
+
+
+def rebuild_from_recipe(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str], build: Callable[[Recipe], nn.Module], what: str
+) -> nn.Module:
+    """A composite encoder for ``rebuild_encoder``: ``build`` it from the exported recipe, load the tensors strictly."""
+    import json
+
+    model = build(validate_recipe(json.loads(meta["recipe"])))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the exported tensors do not fit {what}: {exc}") from None
+    return model

@@ -35,7 +35,6 @@ concatenated; :class:`LabViewsEncoder` (the method's ``backbone``) takes RGB in 
 from __future__ import annotations
 
 import itertools
-import json
 from typing import Any, Literal
 
 import torch
@@ -44,14 +43,14 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from clcli import dist
-from clcli.errors import BadImageError, CheckpointError, DataError, RecipeError
+from clcli.errors import BadImageError, DataError, RecipeError
 from clcli.losses import cmc_softmax, instdisc_nce, instdisc_nce_normaliser
-from clcli.methods.base import Batch, BuildContext, Method, StepOutput
+from clcli.methods.base import Batch, BuildContext, Method, StepOutput, rebuild_from_recipe
 from clcli.methods.memory import MemoryBank
 from clcli.models.backbones import ConvNet
 from clcli.models.heads import MLP
 from clcli.models.resnet_variants import DEPTHS, resnet_encoder
-from clcli.recipe import BackboneConfig, MethodConfig, Recipe, validate_recipe
+from clcli.recipe import BackboneConfig, MethodConfig, Recipe
 from clcli.views.color import normalize_lab, rgb_to_lab
 from clcli.views.pipelines import eval_pipeline
 
@@ -314,10 +313,4 @@ class CMC(Method):
     @classmethod
     def rebuild_encoder(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> nn.Module:
         """The exported :class:`LabViewsEncoder` from its tensors and the recipe in the metadata."""
-        recipe = validate_recipe(json.loads(meta["recipe"]))
-        model = build_views_encoder(recipe)
-        try:
-            model.load_state_dict(tensors, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"the exported tensors do not fit the CMC view encoders: {exc}") from None
-        return model
+        return rebuild_from_recipe(tensors, meta, build_views_encoder, "the CMC view encoders")

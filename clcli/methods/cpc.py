@@ -33,7 +33,6 @@ all 0); the built-in recipes take v2's layer norm and patch augmentation on v1's
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 import torch
@@ -41,11 +40,11 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from clcli.errors import CheckpointError, RecipeError
+from clcli.errors import RecipeError
 from clcli.losses import cpc_infonce
-from clcli.methods.base import Batch, BuildContext, Method, StepOutput
+from clcli.methods.base import Batch, BuildContext, Method, StepOutput, rebuild_from_recipe
 from clcli.models.resnet_variants import DEPTHS, resnet_encoder
-from clcli.recipe import MethodConfig, Recipe, ViewGroup, validate_recipe
+from clcli.recipe import MethodConfig, Recipe, ViewGroup
 from clcli.views.patches import grid_size, patch_grid
 
 Direction = Literal["top_down", "bottom_up", "left_right", "right_left"]
@@ -298,10 +297,4 @@ class CPC(Method):
     @classmethod
     def rebuild_encoder(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> nn.Module:
         """The exported :class:`PatchGridEncoder` from its tensors and the recipe in the metadata."""
-        recipe = validate_recipe(json.loads(meta["recipe"]))
-        model = build_patch_encoder(recipe)
-        try:
-            model.load_state_dict(tensors, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"the exported tensors do not fit the CPC patch encoder: {exc}") from None
-        return model
+        return rebuild_from_recipe(tensors, meta, build_patch_encoder, "the CPC patch encoder")
