@@ -207,8 +207,28 @@ def test_z_is_estimated_once_then_fixed():
     assert bool(fixed.z_estimated) and float(fixed.nce_z) == 1234.5
 
 
-def test_resume_with_the_bank_reproduces_the_loss_sequence_bitwise(tmp_path):
-    recipe = tiny("trainer.steps=7", "trainer.checkpoint_every=2")  # 4 steps per epoch: crosses an epoch
+def test_encoded_bank_init_fills_every_row_with_the_initial_embeddings_once():
+    from clcli.views.pipelines import eval_pipeline, normalize_batch
+
+    method, _ = build(tiny("method.bank_init=encoded"))
+    running = {k: v.clone() for k, v in method.state_dict().items() if "running" in k}
+    assert method.on_epoch_start(0, 0) == {"bank_filled_rows": 128.0}
+    # each row: the embedding of that image's evaluation crop, normalised as training views are
+    images = torch.stack([eval_pipeline(16)(method._source.load_image(i)) for i in range(128)])
+    state = method.state_dict()
+    assert all(torch.equal(state[k], r) for k, r in running.items())  # BN running statistics untouched
+    v = method._views
+    with torch.no_grad():
+        want = method.embed(normalize_batch(images, v.mean, v.std))
+    assert torch.allclose(method.bank.vectors, want, atol=1e-5)
+    method.bank.vectors.zero_()
+    assert method.on_epoch_start(1, 4) == {} and method.bank.vectors.abs().sum() == 0  # once per run
+
+
+@pytest.mark.parametrize("init", ["random", "encoded"])
+def test_resume_with_the_bank_reproduces_the_loss_sequence_bitwise(tmp_path, init):
+    # 4 steps per epoch: crosses an epoch
+    recipe = tiny("trainer.steps=7", "trainer.checkpoint_every=2", f"method.bank_init={init}")
     pretrain(recipe, tmp_path / "full")
     stages = prepare_training(recipe, tmp_path / "cut")
     summary = stages.trainer.fit(stop_after=3)

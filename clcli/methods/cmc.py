@@ -43,16 +43,15 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from clcli import dist
-from clcli.errors import BadImageError, DataError, RecipeError
+from clcli.errors import DataError, RecipeError
 from clcli.losses import cmc_softmax, instdisc_nce, instdisc_nce_normaliser
 from clcli.methods.base import Batch, BuildContext, Method, StepOutput, rebuild_from_recipe
-from clcli.methods.memory import MemoryBank
+from clcli.methods.memory import MemoryBank, fill_banks_from_encoder
 from clcli.models.backbones import ConvNet
 from clcli.models.heads import MLP
 from clcli.models.resnet_variants import DEPTHS, resnet_encoder
 from clcli.recipe import BackboneConfig, MethodConfig, Recipe
 from clcli.views.color import normalize_lab, rgb_to_lab
-from clcli.views.pipelines import eval_pipeline
 
 _CHANNELS = {"L": 0, "a": 1, "b": 2}
 
@@ -243,44 +242,19 @@ class CMC(Method):
         self.banks_filled.fill_(True)
         return {"banks_filled_rows": float(filled)}
 
-    @torch.no_grad()
     def fill_banks(self, source: Any, batch_size: int = 256) -> int:
-        """Write every bank row with the current encoders' embedding of that training image.
-
-        Images get the evaluation transform (resize, centre crop; no randomness).  Batch norm
-        normalises with each batch's statistics, as in training, but its running statistics are
-        left as they were.  Unreadable images keep their random rows.  Returns the rows written.
-        """
-        recipe_views = self._views
-        transform = eval_pipeline(recipe_views.eval_size, recipe_views.eval_resize)
-        device = self.banks[0].vectors.device
-        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        saved = [m.momentum for m in norms]
-        for m in norms:
-            m.momentum = 0.0  # running = (1 - 0) running + 0 batch: unchanged
-        written = 0
-        try:
-            for start in range(0, self.banks[0].size, batch_size):
-                images, rows = [], []
-                for i in range(start, min(start + batch_size, self.banks[0].size)):
-                    try:
-                        images.append(transform(source.load_image(i)))
-                    except BadImageError:
-                        continue
-                    rows.append(i)
-                if not rows:
-                    continue
-                x = torch.stack(images).to(device).float() / 255.0
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self._bf16):
-                    emb = self.view_embeddings(x)
-                index = torch.tensor(rows, device=device)
-                for bank, e in zip(self.banks, emb, strict=True):
-                    bank.vectors.index_copy_(0, index, F.normalize(e.float(), dim=1))
-                written += len(rows)
-        finally:
-            for m, momentum in zip(norms, saved, strict=True):
-                m.momentum = momentum
-        return written
+        """Every bank row := the current encoders' embedding of that image (:func:`fill_banks_from_encoder`)."""
+        views = self._views
+        return fill_banks_from_encoder(
+            list(self.banks),  # type: ignore[arg-type]
+            source,
+            self.view_embeddings,
+            self,
+            eval_size=views.eval_size,
+            eval_resize=views.eval_resize,
+            bf16=self._bf16,
+            batch_size=batch_size,
+        )
 
     def schedule_summary(self) -> dict[str, str]:
         cfg = self.cfg

@@ -11,6 +11,11 @@ v_i ← normalise(m·v_i + (1 − m)·f_i) with m = 0.5 (the paper's proximal te
 implements; the official code has no separate term).  ``loss: softmax`` uses the full
 non-parametric softmax over the whole bank instead (eq. 2; the official code's ``nce_k = 0``).
 
+``bank_init: encoded`` (not in the paper) fills the bank before the first step with the initial
+network's embedding of every training image (evaluation crop), as CMC's option of the same name
+(:func:`~clcli.methods.memory.fill_banks_from_encoder`): with the paper's random bank every
+positive of the first epoch is a random vector, so a one-epoch run learns nothing.
+
 One augmented view per image per step.  The bank and Z are buffers, so checkpoints save and
 resume them exactly; the noise indices come from the global RNG, which checkpoints also restore.
 Evaluation as in the paper: weighted kNN on the 128-d embedding (``--features embedding``) or with
@@ -29,7 +34,7 @@ from clcli import dist
 from clcli.errors import DataError, RecipeError
 from clcli.losses import instdisc_nce, instdisc_nce_normaliser, instdisc_softmax
 from clcli.methods.base import Batch, BuildContext, Method, StepOutput
-from clcli.methods.memory import MemoryBank
+from clcli.methods.memory import MemoryBank, fill_banks_from_encoder
 from clcli.models.heads import MLP
 from clcli.recipe import MethodConfig
 
@@ -45,6 +50,9 @@ class InstDiscConfig(MethodConfig):
     nce_k: int = Field(4096, ge=1, description="noise samples per image, drawn uniformly from the bank")
     nce_z: float | None = Field(
         None, gt=0, description="a fixed normaliser Z; default: estimated from the first mini-batch"
+    )
+    bank_init: Literal["random", "encoded"] = Field(
+        "random", description="random vectors (paper), or the initial network's embeddings of every image"
     )
 
 
@@ -73,6 +81,10 @@ class InstDisc(Method):
         self.bank = MemoryBank(ctx.dataset_size, cfg.embedding_dim, cfg.bank_momentum, generator=generator)
         self.register_buffer("nce_z", torch.tensor(float(cfg.nce_z or 0.0)))
         self.register_buffer("z_estimated", torch.tensor(cfg.nce_z is not None))
+        self.register_buffer("bank_filled", torch.tensor(False))
+        self._source = ctx.train_source  # for bank_init: encoded (None when rebuilt for evaluation)
+        self._views = ctx.recipe.views
+        self._bf16 = ctx.recipe.trainer.precision == "bf16"
 
     # -- training -------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +123,31 @@ class InstDisc(Method):
         self.bank.update(dist.gather_no_grad(index), dist.gather_no_grad(f.detach()))
         return StepOutput(loss, metrics)
 
+    def on_epoch_start(self, epoch: int, step: int) -> dict[str, float]:
+        if self.cfg.bank_init != "encoded" or bool(self.bank_filled):
+            return {}
+        if self._source is None:
+            raise DataError("bank_init: encoded needs the training images to fill the memory bank")
+        v = self._views
+        mean = torch.tensor(v.mean, device=self.bank.vectors.device).view(1, -1, 1, 1)
+        std = torch.tensor(v.std, device=self.bank.vectors.device).view(1, -1, 1, 1)
+
+        def embed(rgb: torch.Tensor) -> list[torch.Tensor]:  # normalised as the training views are
+            c = rgb.shape[1]
+            return [self.embed((rgb - mean[:, :c]) / std[:, :c])]
+
+        filled = fill_banks_from_encoder(
+            [self.bank],
+            self._source,
+            embed,
+            self,
+            eval_size=v.eval_size,
+            eval_resize=v.eval_resize,
+            bf16=self._bf16,
+        )
+        self.bank_filled.fill_(True)
+        return {"bank_filled_rows": float(filled)}
+
     def _noise_scores(self, f: torch.Tensor, noise_index: torch.Tensor) -> torch.Tensor:
         """[B, K] inner products of each embedding with its noise entries (no gradient into the bank).
 
@@ -134,7 +171,8 @@ class InstDisc(Method):
         else:
             loss = f"full softmax over the bank, tau {cfg.temperature:g}"
         return {
-            "memory bank": f"{self.bank.size} x {cfg.embedding_dim}, momentum {cfg.bank_momentum:g}",
+            "memory bank": f"{self.bank.size} x {cfg.embedding_dim}, momentum {cfg.bank_momentum:g}, "
+            f"init {cfg.bank_init}",
             "loss": loss,
         }
 

@@ -5,15 +5,21 @@
 updated with momentum after the loss.  :class:`FeatureQueue` is MoCo's dictionary
 (arXiv:1911.05722 §3.2), also SwAV's feature queue: the latest K vectors, oldest replaced first.
 Both keep their contents as buffers, so checkpoints save and restore them exactly.
+:func:`fill_banks_from_encoder` is the ``bank_init: encoded`` start both bank methods offer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from clcli.errors import BadImageError
+from clcli.views.pipelines import eval_pipeline
 
 
 class MemoryBank(nn.Module):
@@ -92,3 +98,57 @@ class FeatureQueue(nn.Module):
             self.data[: b - first] = x[first:]
         self.ptr.fill_(end % self.length)
         self.count.add_(b)
+
+
+@torch.no_grad()
+def fill_banks_from_encoder(
+    banks: Sequence[MemoryBank],
+    source: Any,
+    embed: Callable[[torch.Tensor], list[torch.Tensor]],
+    network: nn.Module,
+    *,
+    eval_size: int,
+    eval_resize: int | None = None,
+    bf16: bool = False,
+    batch_size: int = 256,
+) -> int:
+    """Write every row of ``banks`` with ``embed``'s vectors of that training image (one per bank).
+
+    For ``bank_init: encoded``: with the papers' random banks every positive of a first epoch is a
+    random vector (an image's entry is written only after its first visit), so a one-epoch run
+    learns nothing; filled banks give it real, equally old positives and negatives.  Images get the
+    evaluation transform (resize, centre crop; no randomness) and arrive as RGB in [0, 1] (the
+    method's ``embed`` normalises them as its training views are).  Batch norm in ``network``
+    normalises with each batch's statistics, as in training, but its running statistics are left
+    as they were.  Unreadable images keep their random rows.  Returns the rows written.
+    """
+    size = banks[0].size
+    transform = eval_pipeline(eval_size, eval_resize)
+    device = banks[0].vectors.device
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) running + 0 batch: unchanged
+    written = 0
+    try:
+        for start in range(0, size, batch_size):
+            images, rows = [], []
+            for i in range(start, min(start + batch_size, size)):
+                try:
+                    images.append(transform(source.load_image(i)))
+                except BadImageError:
+                    continue
+                rows.append(i)
+            if not rows:
+                continue
+            x = torch.stack(images).to(device).float() / 255.0
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                vectors = embed(x)
+            index = torch.tensor(rows, device=device)
+            for bank, v in zip(banks, vectors, strict=True):
+                bank.vectors.index_copy_(0, index, F.normalize(v.float(), dim=1))
+            written += len(rows)
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+    return written
