@@ -271,6 +271,8 @@ class Trainer:
             task = progress.add_task(r.method.name, total=plan.total_steps, completed=s.step, info="")
             while s.step < plan.total_steps and not interrupted:
                 if s.position == 0 and self.stream_dataset_factory is None:
+                    # a method's epoch set-up can take minutes (filling a memory bank, k-means): say so
+                    progress.update(task, info=f"epoch {s.epoch + 1}: {r.method.name} epoch set-up")
                     epoch_metrics = self.method.on_epoch_start(s.epoch, s.step)
                     if epoch_metrics:
                         self._log({"step": s.step, "epoch": s.epoch, **epoch_metrics})
