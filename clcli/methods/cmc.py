@@ -244,14 +244,12 @@ class CMC(Method):
 
     def fill_banks(self, source: Any, batch_size: int = 256) -> int:
         """Every bank row := the current encoders' embedding of that image (:func:`fill_banks_from_encoder`)."""
-        views = self._views
         return fill_banks_from_encoder(
             list(self.banks),  # type: ignore[arg-type]
             source,
             self.view_embeddings,
             self,
-            eval_size=views.eval_size,
-            eval_resize=views.eval_resize,
+            self._views,  # mean 0, std 1: RGB in [0, 1], as the method converts to Lab itself
             bf16=self._bf16,
             batch_size=batch_size,
         )

@@ -128,22 +128,8 @@ class InstDisc(Method):
             return {}
         if self._source is None:
             raise DataError("bank_init: encoded needs the training images to fill the memory bank")
-        v = self._views
-        mean = torch.tensor(v.mean, device=self.bank.vectors.device).view(1, -1, 1, 1)
-        std = torch.tensor(v.std, device=self.bank.vectors.device).view(1, -1, 1, 1)
-
-        def embed(rgb: torch.Tensor) -> list[torch.Tensor]:  # normalised as the training views are
-            c = rgb.shape[1]
-            return [self.embed((rgb - mean[:, :c]) / std[:, :c])]
-
         filled = fill_banks_from_encoder(
-            [self.bank],
-            self._source,
-            embed,
-            self,
-            eval_size=v.eval_size,
-            eval_resize=v.eval_resize,
-            bf16=self._bf16,
+            [self.bank], self._source, lambda x: [self.embed(x)], self, self._views, bf16=self._bf16
         )
         self.bank_filled.fill_(True)
         return {"bank_filled_rows": float(filled)}

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from clcli.errors import BadImageError
-from clcli.views.pipelines import eval_pipeline
+from clcli.recipe import ViewsConfig
+from clcli.views.pipelines import eval_pipeline, normalize_batch
 
 
 class MemoryBank(nn.Module):
@@ -106,9 +107,8 @@ def fill_banks_from_encoder(
     source: Any,
     embed: Callable[[torch.Tensor], list[torch.Tensor]],
     network: nn.Module,
+    views: ViewsConfig,
     *,
-    eval_size: int,
-    eval_resize: int | None = None,
     bf16: bool = False,
     batch_size: int = 256,
 ) -> int:
@@ -117,13 +117,13 @@ def fill_banks_from_encoder(
     For ``bank_init: encoded``: with the papers' random banks every positive of a first epoch is a
     random vector (an image's entry is written only after its first visit), so a one-epoch run
     learns nothing; filled banks give it real, equally old positives and negatives.  Images get the
-    evaluation transform (resize, centre crop; no randomness) and arrive as RGB in [0, 1] (the
-    method's ``embed`` normalises them as its training views are).  Batch norm in ``network``
+    recipe's evaluation transform (resize, centre crop; no randomness) and its ``views.mean`` /
+    ``views.std`` normalisation, as the training views do.  Batch norm in ``network``
     normalises with each batch's statistics, as in training, but its running statistics are left
     as they were.  Unreadable images keep their random rows.  Returns the rows written.
     """
     size = banks[0].size
-    transform = eval_pipeline(eval_size, eval_resize)
+    transform = eval_pipeline(views.eval_size, views.eval_resize)
     device = banks[0].vectors.device
     norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in norms]
@@ -141,7 +141,7 @@ def fill_banks_from_encoder(
                 rows.append(i)
             if not rows:
                 continue
-            x = torch.stack(images).to(device).float() / 255.0
+            x = normalize_batch(torch.stack(images).to(device), views.mean, views.std)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 vectors = embed(x)
             index = torch.tensor(rows, device=device)
