@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clcli.errors import BadImageError
 from clcli.recipe import ViewsConfig
 from clcli.views.pipelines import eval_pipeline, normalize_batch
+from clcli.views.plain import plain_loader
 
 
 class MemoryBank(nn.Module):
@@ -122,8 +122,9 @@ def fill_banks_from_encoder(
     normalises with each batch's statistics, as in training, but its running statistics are left
     as they were.  Unreadable images keep their random rows.  Returns the rows written.
     """
-    size = banks[0].size
-    transform = eval_pipeline(views.eval_size, views.eval_resize)
+    loader = plain_loader(
+        source, eval_pipeline(views.eval_size, views.eval_resize), batch_size=batch_size, skip_bad=True
+    )
     device = banks[0].vectors.device
     norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in norms]
@@ -131,20 +132,13 @@ def fill_banks_from_encoder(
         m.momentum = 0.0  # running = (1 - 0) running + 0 batch: unchanged
     written = 0
     try:
-        for start in range(0, size, batch_size):
-            images, rows = [], []
-            for i in range(start, min(start + batch_size, size)):
-                try:
-                    images.append(transform(source.load_image(i)))
-                except BadImageError:
-                    continue
-                rows.append(i)
-            if not rows:
+        for images, rows in loader:
+            if images is None:
                 continue
-            x = normalize_batch(torch.stack(images).to(device), views.mean, views.std)
+            x = normalize_batch(images.to(device), views.mean, views.std)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 vectors = embed(x)
-            index = torch.tensor(rows, device=device)
+            index = rows.to(device)
             for bank, v in zip(banks, vectors, strict=True):
                 bank.vectors.index_copy_(0, index, F.normalize(v.float(), dim=1))
             written += len(rows)

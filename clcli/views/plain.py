@@ -1,8 +1,9 @@
 """Images without augmentation, for everything that reads a whole split in order.
 
-Feature extraction for evaluation, zero-shot classification and DeepCluster's clustering pass all
-load each image once, apply a deterministic transform (resize, centre crop) and keep its index;
-an unreadable image either stops the pass (naming the file) or, with ``skip_bad``, is left out.
+Feature extraction for evaluation, zero-shot classification, DeepCluster's clustering pass and the
+fill of an encoded memory bank all load each image once, apply a deterministic transform (resize,
+centre crop) and keep its index; an unreadable image either stops the pass (naming the file) or,
+with ``skip_bad``, is left out.
 """
 
 from __future__ import annotations
