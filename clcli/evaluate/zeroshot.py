@@ -36,14 +36,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from clcli.data import ImageSource
 from clcli.data.images import read_image_file
 from clcli.errors import BadImageError, CheckpointError, ClcliError, DataError
 from clcli.text.templates import fill, load_templates
 from clcli.views.pipelines import eval_pipeline
-from clcli.views.plain import plain_loader
+from clcli.views.plain import plain_loader, split_progress
 
 __all__ = [
     "ImageFiles",
@@ -192,15 +191,7 @@ def zeroshot_scores(
     weights = classifier.to(device)
     scale = float(model.logit_scale_value())
     logits, kept = [], []
-    progress = Progress(
-        TextColumn("zero-shot"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-        disable=not show_progress,
-        transient=True,
-    )
+    progress = split_progress("zero-shot", show=show_progress, console=console)
     with progress:
         task = progress.add_task("zero-shot", total=len(source))
         for images, idx in loader:

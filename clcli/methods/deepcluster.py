@@ -50,19 +50,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from rich.console import Console
 from rich.file_proxy import FileProxy
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from clcli.errors import BadImageError, RecipeError, TrainingError
+from clcli.errors import RecipeError, TrainingError
 from clcli.losses import deepcluster_loss
 from clcli.methods.base import Batch, BuildContext, Method, StepOutput
 from clcli.methods.clustering import kmeans, l2_normalize, normalized_mutual_info, pca_whitening
 from clcli.models.heads import MLP
 from clcli.recipe import MethodConfig
-from clcli.views import normalize_batch
-from clcli.views.pipelines import eval_pipeline
-from clcli.views.plain import plain_loader
+from clcli.views.plain import encode_split
 
 
 class DeepClusterConfig(MethodConfig):
@@ -251,51 +248,26 @@ class DeepCluster(Method):
     # ------------------------------------------------------------------------------ clustering
     @torch.no_grad()
     def _extract(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self._recipe
-        v = r.views
-        loader = plain_loader(
-            self._source,
-            eval_pipeline(v.eval_size, v.eval_resize),
-            batch_size=self.cfg.cluster_batch_size or r.eval.batch_size,
-            num_workers=r.data.num_workers,
-            skip_bad=r.data.skip_bad_images,
-        )
-        autocast = r.trainer.precision == "bf16"
-        feats: list[torch.Tensor] = []
-        kept: list[torch.Tensor] = []
+        """Embeddings (on ``device``) of every readable training image and their indices."""
         # Under the trainer's live progress bar, stderr is rich's proxy that prints lines above the
         # bar: a second live bar would fight it for the same line, so print one line there instead.
         under_live = isinstance(sys.stderr, FileProxy)
         if under_live:
             print(f"deepcluster: computing features of {len(self._source)} images for k-means", file=sys.stderr)
         console = Console(stderr=True)
-        progress = Progress(
-            TextColumn("clustering features"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
+        feats, kept = encode_split(
+            self,
+            self.embed,
+            self._source,
+            self._recipe,
+            device=device,
+            out_device=device,
+            batch_size=self.cfg.cluster_batch_size,
+            show_progress=not under_live and console.is_terminal,
             console=console,
-            disable=under_live or not console.is_terminal,
-            transient=True,
+            description="clustering features",
         )
-        was_training = self.training
-        self.eval()
-        try:
-            with progress:
-                task = progress.add_task("features", total=len(self._source))
-                for images, idx in loader:
-                    if images is not None:
-                        x = normalize_batch(images.to(device), v.mean, v.std, channels_last=r.trainer.channels_last)
-                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                            out = self.embed(x)
-                        feats.append(out.float())
-                        kept.append(idx)
-                    progress.advance(task, len(idx) if images is not None else loader.batch_size or 0)
-        finally:
-            self.train(was_training)
-        if not feats:
-            raise BadImageError(str(getattr(self._source, "spec", "the training set")), "no readable image to cluster")
-        return torch.cat(feats), torch.cat(kept).to(device)
+        return feats, kept.to(device)
 
     @torch.no_grad()
     def cluster(self, epoch: int) -> dict[str, float]:

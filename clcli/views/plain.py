@@ -12,9 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
 from clcli.errors import BadImageError
+from clcli.recipe import Recipe
+from clcli.views.pipelines import eval_pipeline, normalize_batch
 
 
 class PlainImages(Dataset):
@@ -58,3 +62,72 @@ def plain_loader(
         num_workers=num_workers,
         collate_fn=collate_readable,
     )
+
+
+def split_progress(description: str, *, show: bool, console: Console | None = None) -> Progress:
+    """The progress bar of a pass over a whole split: counts images, gone once the pass ends."""
+    return Progress(
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        disable=not show,
+        transient=True,
+    )
+
+
+@torch.no_grad()
+def encode_split(
+    model: torch.nn.Module,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    source: Any,
+    recipe: Recipe,
+    *,
+    device: torch.device,
+    out_device: torch.device | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    interpolation: str = "bilinear",
+    show_progress: bool = False,
+    console: Console | None = None,
+    description: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn``'s output for every readable image of ``source``, in order, with ``model`` in eval mode.
+
+    Images get the recipe's evaluation transform, normalisation, memory layout and precision.
+    Returns ``(outputs, indices)``: float32 ``[N_readable, D]`` on ``out_device`` (the CPU unless
+    given) and the int64 indices of the images they belong to.  ``model``'s train/eval mode is
+    restored afterwards.  With no readable image at all, raises :class:`BadImageError`.
+    """
+    v = recipe.views
+    loader = plain_loader(
+        source,
+        eval_pipeline(v.eval_size, v.eval_resize, interpolation),
+        batch_size=batch_size or recipe.eval.batch_size,
+        num_workers=recipe.data.num_workers if num_workers is None else num_workers,
+        skip_bad=recipe.data.skip_bad_images,
+    )
+    out_device = out_device or torch.device("cpu")
+    autocast = recipe.trainer.precision == "bf16"
+    chunks: list[torch.Tensor] = []
+    kept: list[torch.Tensor] = []
+    progress = split_progress(description, show=show_progress, console=console)
+    was_training = model.training
+    model.eval()
+    try:
+        with progress:
+            task = progress.add_task(description, total=len(source))
+            for images, idx in loader:
+                if images is not None:
+                    x = normalize_batch(images.to(device), v.mean, v.std, channels_last=recipe.trainer.channels_last)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                        out = fn(x)
+                    chunks.append(out.float().to(out_device))
+                    kept.append(idx)
+                progress.advance(task, len(idx) if images is not None else loader.batch_size or 0)
+    finally:
+        model.train(was_training)
+    if not chunks:
+        raise BadImageError(str(getattr(source, "spec", "the split")), "no readable image in this split")
+    return torch.cat(chunks), torch.cat(kept)
