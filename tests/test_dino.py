@@ -247,12 +247,36 @@ def test_teacher_temperature_warms_up_over_the_resolved_steps():
         )
     )
     assert [round(method.teacher_temperature(s), 6) for s in range(6)] == [0.04, 0.0475, 0.055, 0.0625, 0.07, 0.07]
-    # with a reference length, a one-epoch run keeps the warm-up's fraction of it
+    # with a reference length, a one-epoch run's schedules keep their fraction of it ...
     recipe = load_recipe(
-        "dino", [*TINY, "trainer.reference_epochs=4", "method.warmup_teacher_temperature_epochs=2", "trainer.steps=8"]
+        "dino",
+        [
+            *TINY,
+            "trainer.reference_epochs=4",
+            "method.warmup_teacher_temperature_epochs=2",
+            "method.freeze_last_layer_epochs=0.5",
+            "trainer.steps=8",
+        ],
     )
     plan = make_plan(recipe, 256)
     assert plan.epochs_to_steps(2) == 4  # half of the 8-step run
+    # ... but the warm-up and the last layer's freeze guard the first steps and are not shrunk:
+    # the warm-up spans 2 epochs of 8 steps (shrunk to 58 steps of a one-epoch CIFAR run, the teacher
+    # turned uniform), the freeze half an epoch
+    ctx = BuildContext(
+        recipe=recipe,
+        build_backbone=lambda: build_backbone(recipe.model.backbone),
+        dataset_size=256,
+        num_classes=10,
+        steps_per_epoch=8,
+        total_steps=8,
+        epochs_to_steps=plan.epochs_to_steps,
+        device=torch.device("cpu"),
+    )
+    method = DINO(recipe.method, ctx)
+    assert method.teacher_temperature(4) == pytest.approx(0.04 + 0.03 * 4 / 16)
+    assert method.teacher_temperature(7) < 0.06
+    assert method.freeze_steps == 4
 
 
 def test_the_head_has_a_weight_normalised_last_layer_with_unit_norm():

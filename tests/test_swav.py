@@ -280,6 +280,27 @@ def test_prototypes_are_normalised_frozen_first_and_then_trained(tmp_path):
         assert torch.allclose(s.norm(dim=1), torch.ones(24), atol=1e-5)  # re-normalised every step
 
 
+def test_the_prototype_freeze_is_not_shrunk_with_a_short_runs_schedule():
+    # a run 1/25 of the reference length: the queue's start keeps its fraction of the run, but the
+    # freeze lasts the paper's first epoch of this run (shrunk to a few steps, the prototypes and
+    # embeddings collapse together in a one-epoch CIFAR run; see the module notes)
+    recipe = tiny("method.freeze_prototypes_epochs=1", "method.queue_start_epoch=5")
+    ctx = BuildContext(
+        recipe=recipe,
+        build_backbone=lambda: build_backbone(recipe.model.backbone),
+        dataset_size=256,
+        num_classes=10,
+        steps_per_epoch=100,
+        total_steps=200,
+        epochs_to_steps=lambda e: int(math.floor(e / 25 * 100 + 0.5)),
+        device=torch.device("cpu"),
+    )
+    method = SwAV(recipe.method, ctx)
+    assert method.queue_start_step == 20
+    assert method.freeze_steps == 100
+    assert SwAV(tiny("method.freeze_prototypes_epochs=3").method, ctx).freeze_steps == 200  # at most the run
+
+
 def test_queue_switches_on_at_the_resolved_point_and_is_used_once_full(tmp_path):
     # 8 steps per epoch: the queue starts filling at step 2 (epoch 0.25) and, 64 long at batch 32,
     # is full after two enqueues, so steps 4 and later use it

@@ -9,6 +9,7 @@ re-normalisation) in :meth:`Method.after_step`.  Nothing about a particular meth
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -78,6 +79,16 @@ class BuildContext:
     device: torch.device
     train_source: Any = None  # the ImageSource being trained on (None when streaming or rebuilding for eval)
     class_names: list[str] | None = None
+
+    def first_epochs_to_steps(self, epochs: float) -> int:
+        """The steps of this run's first ``epochs`` epochs, counted as they are.
+
+        For the papers' early-training safeguards (SwAV's prototype freeze, DINO's last-layer
+        freeze and teacher-temperature warm-up): they protect the network's first steps, so unlike
+        :attr:`epochs_to_steps` they are not shrunk when the run is shorter than the recipe's
+        ``trainer.reference_epochs``.  Not capped at the run's length.
+        """
+        return int(math.floor(epochs * self.steps_per_epoch + 0.5))
 
 
 class Method(nn.Module):

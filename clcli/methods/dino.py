@@ -11,7 +11,15 @@ warmed up from 0.04 to 0.07 over the first 30 epochs in the recommended runs; st
 
 The DINO head is a 3-layer MLP (2048 hidden, GELU, 256-d bottleneck), L2 normalisation and a
 weight-normalised linear layer to K outputs whose norm g is fixed to 1 (``norm_last_layer``, the
-official code's default).  That last layer gets no update during the first epoch.  Gradient
+official code's default).  That last layer gets no update during the first epoch.
+
+The last layer's freeze and the teacher temperature's warm-up guard the first steps of training
+(the paper: a teacher temperature above 0.06 "needs a warm-up to avoid instabilities early in
+training"), so they count this run's epochs as they are and are not shrunk with a short run's
+schedule (:meth:`BuildContext.first_epochs_to_steps`); the teacher momentum's cosine and the
+learning-rate and weight-decay schedules do follow the run's length.  In a one-epoch CIFAR run
+with the 30-epoch warm-up shrunk to 58 steps, τ_t reached 0.07 by step 58 and the teacher's
+output turned uniform (entropy 8.31 of log 4096 = 8.32, KL to the student 0.016 and falling).  Gradient
 clipping (``optim.grad_clip``) and the cosine weight-decay schedule (``optim.weight_decay_end``)
 are trainer settings in the recipe.  Evaluation and export use the teacher's backbone, as the
 paper does (``eval_network``).  The student's BatchNorm running statistics (used only when the
@@ -52,14 +60,18 @@ class DINOConfig(MethodConfig):
     head_layers: int = Field(3, ge=1, description="MLP layers before the L2-normalised bottleneck")
     head_norm: Literal["none", "bn"] = Field("none", description="normalisation in the head's MLP (bn: use_bn_in_head)")
     norm_last_layer: bool = Field(True, description="fix the weight-normalised last layer's norm g to 1")
-    freeze_last_layer_epochs: float = Field(1.0, ge=0, description="the last layer gets no update before this point")
+    freeze_last_layer_epochs: float = Field(
+        1.0, ge=0, description="the last layer gets no update during the run's first epochs (not shrunk in short runs)"
+    )
     teacher_views: list[str] = Field(
         default_factory=lambda: ["global"], min_length=1, description="view groups the teacher sees"
     )
     student_temperature: float = Field(0.1, gt=0)
     teacher_temperature: float = Field(0.07, gt=0, description="τ_t after the warm-up")
     warmup_teacher_temperature: float = Field(0.04, gt=0, description="τ_t at the start of the warm-up")
-    warmup_teacher_temperature_epochs: float = Field(30.0, ge=0)
+    warmup_teacher_temperature_epochs: float = Field(
+        30.0, ge=0, description="τ_t's warm-up over the run's first epochs (not shrunk in short runs)"
+    )
     center_momentum: float = Field(0.9, ge=0, lt=1)
     momentum_start: float = Field(0.996, ge=0, le=1, description="teacher EMA momentum at step 0")
     momentum_end: float = Field(1.0, ge=0, le=1, description="teacher EMA momentum at the last step (cosine)")
@@ -147,9 +159,9 @@ class DINO(Method):
         self.teacher_temperature = WarmupConstant(
             cfg.warmup_teacher_temperature,
             cfg.teacher_temperature,
-            ctx.epochs_to_steps(cfg.warmup_teacher_temperature_epochs),
+            ctx.first_epochs_to_steps(cfg.warmup_teacher_temperature_epochs),
         )
-        self.freeze_steps = ctx.epochs_to_steps(cfg.freeze_last_layer_epochs)
+        self.freeze_steps = min(ctx.total_steps, ctx.first_epochs_to_steps(cfg.freeze_last_layer_epochs))
 
     # -- evaluation -----------------------------------------------------------------------
     def _eval_networks(self) -> tuple[nn.Module, nn.Module]:

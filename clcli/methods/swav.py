@@ -10,7 +10,13 @@ then predicts each code crop's code (the swapped prediction, τ = 0.1).
 Paper details kept here:
 
 * prototypes are re-normalised at the start and after every optimiser step, and frozen (their
-  gradient dropped) for the first iterations (313 at batch 4096, about one ImageNet epoch);
+  gradient dropped) during the first epoch (313 iterations at batch 4096).  The freeze is counted
+  in this run's epochs, never shrunk with a short run's schedule: moving prototypes let the
+  network reach a trivial solution early on.  In a one-epoch CIFAR run with the freeze shrunk to
+  4 steps, the prototypes lost one direction (one singular value fell from about 1 to 0.014),
+  every embedding moved onto that direction (cosine 0.96 between images; scores spread 0.01
+  across prototypes, against ε = 0.05), codes and predictions became uniform, and the loss sat
+  at log K from step 40 on; kNN fell below the untrained network;
 * Sinkhorn's sums run over the global batch across processes (:func:`clcli.dist.all_reduce_sum`);
 * for small batches a FIFO queue of each code crop's past embeddings is scored with the current
   prototypes and added to the Sinkhorn problem (only the batch's rows of the result are used); it
@@ -59,7 +65,10 @@ class SwAVConfig(MethodConfig):
         default_factory=lambda: ["global"], min_length=1, description="view groups whose crops give codes"
     )
     freeze_prototypes_epochs: float = Field(
-        1.0, ge=0, description="prototypes get no update before this point (313 iterations at batch 4096)"
+        1.0,
+        ge=0,
+        description="prototypes get no update during the run's first epochs (the paper: the first epoch, 313 "
+        "iterations at batch 4096); counted as they are, not shrunk with a short run's schedule",
     )
     queue_length: int = Field(0, ge=0, description="feature queue per code crop, over all processes (0: none)")
     queue_start_epoch: float = Field(15.0, ge=0, description="the queue starts filling here and is used once full")
@@ -88,7 +97,9 @@ class SwAV(Method):
         self.code_positions = views_of(names, cfg.code_views, "method.code_views")
         if len(self.code_positions) == len(names):
             raise RecipeError("method.code_views: every view gives a code; at least one other view must predict them")
-        self.freeze_steps = ctx.epochs_to_steps(cfg.freeze_prototypes_epochs)
+        # The freeze protects the network's first steps from a trivial solution (below), so it
+        # counts epochs of this run as they are: it is not shrunk with a short run's schedule.
+        self.freeze_steps = min(ctx.total_steps, ctx.first_epochs_to_steps(cfg.freeze_prototypes_epochs))
         self.queue_start_step = ctx.epochs_to_steps(cfg.queue_start_epoch)
         per_process = cfg.queue_length // dist.world_size()
         if cfg.queue_length and per_process < 1:
