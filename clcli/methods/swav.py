@@ -16,7 +16,8 @@ Paper details kept here:
   4 steps, the prototypes lost one direction (one singular value fell from about 1 to 0.014),
   every embedding moved onto that direction (cosine 0.96 between images; scores spread 0.01
   across prototypes, against ε = 0.05), codes and predictions became uniform, and the loss sat
-  at log K from step 40 on; kNN fell below the untrained network;
+  at log K from step 40 on; kNN fell below the untrained network (with the freeze kept that
+  collapse is gone, though one epoch still scores below it: see the bench notes);
 * Sinkhorn's sums run over the global batch across processes (:func:`clcli.dist.all_reduce_sum`);
 * for small batches a FIFO queue of each code crop's past embeddings is scored with the current
   prototypes and added to the Sinkhorn problem (only the batch's rows of the result are used); it
