@@ -54,7 +54,8 @@ def tiny(*extra: str, recipe: str = "dino"):
     return load_recipe(recipe, [*base, *extra])
 
 
-def build(recipe, steps_per_epoch: int = 8, total_steps: int = 16) -> DINO:
+def build(recipe, steps_per_epoch: int = 8, total_steps: int = 16, epochs_to_steps=None) -> DINO:
+    """The method as a run would build it; ``epochs_to_steps`` defaults to unshrunk epochs."""
     ctx = BuildContext(
         recipe=recipe,
         build_backbone=lambda: build_backbone(recipe.model.backbone),
@@ -62,7 +63,7 @@ def build(recipe, steps_per_epoch: int = 8, total_steps: int = 16) -> DINO:
         num_classes=10,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-        epochs_to_steps=lambda e: int(math.floor(e * steps_per_epoch + 0.5)),
+        epochs_to_steps=epochs_to_steps or (lambda e: int(math.floor(e * steps_per_epoch + 0.5))),
         device=torch.device("cpu"),
     )
     return DINO(recipe.method, ctx)
@@ -263,17 +264,7 @@ def test_teacher_temperature_warms_up_over_the_resolved_steps():
     # ... but the warm-up and the last layer's freeze guard the first steps and are not shrunk:
     # the warm-up spans 2 epochs of 8 steps (shrunk to 58 steps of a one-epoch CIFAR run, the teacher
     # turned uniform), the freeze half an epoch
-    ctx = BuildContext(
-        recipe=recipe,
-        build_backbone=lambda: build_backbone(recipe.model.backbone),
-        dataset_size=256,
-        num_classes=10,
-        steps_per_epoch=8,
-        total_steps=8,
-        epochs_to_steps=plan.epochs_to_steps,
-        device=torch.device("cpu"),
-    )
-    method = DINO(recipe.method, ctx)
+    method = build(recipe, steps_per_epoch=8, total_steps=8, epochs_to_steps=plan.epochs_to_steps)
     assert method.teacher_temperature(4) == pytest.approx(0.04 + 0.03 * 4 / 16)
     assert method.teacher_temperature(7) < 0.06
     assert method.freeze_steps == 4

@@ -46,7 +46,8 @@ def tiny(*extra: str):
     return load_recipe("swav", [*TINY, *extra])
 
 
-def build(recipe, steps_per_epoch: int = 8, total_steps: int = 16) -> SwAV:
+def build(recipe, steps_per_epoch: int = 8, total_steps: int = 16, epochs_to_steps=None) -> SwAV:
+    """The method as a run would build it; ``epochs_to_steps`` defaults to unshrunk epochs."""
     ctx = BuildContext(
         recipe=recipe,
         build_backbone=lambda: build_backbone(recipe.model.backbone),
@@ -54,7 +55,7 @@ def build(recipe, steps_per_epoch: int = 8, total_steps: int = 16) -> SwAV:
         num_classes=10,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-        epochs_to_steps=lambda e: int(math.floor(e * steps_per_epoch + 0.5)),
+        epochs_to_steps=epochs_to_steps or (lambda e: int(math.floor(e * steps_per_epoch + 0.5))),
         device=torch.device("cpu"),
     )
     return SwAV(recipe.method, ctx)
@@ -284,21 +285,13 @@ def test_the_prototype_freeze_is_not_shrunk_with_a_short_runs_schedule():
     # a run 1/25 of the reference length: the queue's start keeps its fraction of the run, but the
     # freeze lasts the paper's first epoch of this run (shrunk to a few steps, the prototypes and
     # embeddings collapse together in a one-epoch CIFAR run; see the module notes)
-    recipe = tiny("method.freeze_prototypes_epochs=1", "method.queue_start_epoch=5")
-    ctx = BuildContext(
-        recipe=recipe,
-        build_backbone=lambda: build_backbone(recipe.model.backbone),
-        dataset_size=256,
-        num_classes=10,
-        steps_per_epoch=100,
-        total_steps=200,
-        epochs_to_steps=lambda e: int(math.floor(e / 25 * 100 + 0.5)),
-        device=torch.device("cpu"),
-    )
-    method = SwAV(recipe.method, ctx)
+    def shrunk(e: float) -> int:
+        return int(math.floor(e / 25 * 100 + 0.5))
+
+    method = build(tiny("method.freeze_prototypes_epochs=1", "method.queue_start_epoch=5"), 100, 200, shrunk)
     assert method.queue_start_step == 20
     assert method.freeze_steps == 100
-    assert SwAV(tiny("method.freeze_prototypes_epochs=3").method, ctx).freeze_steps == 200  # at most the run
+    assert build(tiny("method.freeze_prototypes_epochs=3"), 100, 200, shrunk).freeze_steps == 200  # at most the run
 
 
 def test_queue_switches_on_at_the_resolved_point_and_is_used_once_full(tmp_path):
