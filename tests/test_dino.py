@@ -10,15 +10,16 @@ import pytest
 import torch
 
 import clcli.methods.dino as dino_module
-from clcli.assemble import build_backbone, prepare_training, pretrain
+from clcli.assemble import build_backbone, open_data, prepare_training, pretrain
 from clcli.engine.trainer import make_plan
 from clcli.errors import RecipeError
 from clcli.losses import dino_loss
 from clcli.methods.base import Batch, BuildContext
 from clcli.methods.dino import DINO
 from clcli.recipe import load_recipe
+from clcli.views.pipelines import eval_pipeline
 
-from .helpers import losses, metric_rows
+from .helpers import CIFAR, losses, metric_rows
 
 TINY = [
     "model.backbone.name=convnet",
@@ -360,10 +361,30 @@ def test_a_few_steps_of_the_recipe_lower_its_loss_on_real_images(tmp_path, recip
     assert drop("kl") > 0.25
     for x in rows:
         assert x["loss"] == pytest.approx(x["teacher_entropy"] + x["kl"], abs=1e-4)
-    if recipe == "dino":
-        assert drop("loss") > 1.0
-    # (the tiny ViT starts with nearly the same output for every image; centring then raises the teacher's
-    # entropy during the first steps, so its cross-entropy rises while its KL falls)
+    # (the cross-entropy itself need not fall in 8 steps: the tiny ViT starts with nearly the same output for
+    # every image, so centring raises the teacher's entropy at first; the ResNet preset's BN head starts
+    # with a sharp target whose entropy moves little, so the KL carries the learning)
+
+
+@pytest.mark.skipif(not (CIFAR / "train.parquet").exists(), reason=f"CIFAR-10 parquet not found in {CIFAR}")
+def test_the_cifar_presets_teacher_gives_a_sharp_target_from_the_first_step():
+    # The head of the CIFAR preset normalises its hidden layers over the batch (head_norm: bn). Without
+    # it a fresh ResNet-18 maps every image to nearly the same output, centring leaves almost nothing
+    # to sharpen, and the teacher's target is uniform from the first step (measured: entropy 8.19 of
+    # log 4096 = 8.32; with BN 7.34), the collapse mode that kept a one-epoch run from learning.
+    recipe = load_recipe("dino", [f"data.source={CIFAR / 'train.parquet'}", "trainer.precision=fp32"])
+    assert recipe.method.head_norm == "bn"
+    torch.manual_seed(0)
+    method = build(recipe)
+    method.train()
+    source = open_data(recipe.data.source, recipe.data.train_split, recipe.data)
+    x = torch.stack([eval_pipeline(32)(source.load_image(i)) for i in range(64)]).float() / 255.0
+    x = (x - torch.tensor(recipe.views.mean).view(1, 3, 1, 1)) / torch.tensor(recipe.views.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = method.teacher_head(method.teacher_backbone(x)).float()
+    p = torch.softmax((out - out.mean(dim=0)) / recipe.method.warmup_teacher_temperature, dim=1)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=1).mean().item()
+    assert entropy < math.log(recipe.method.out_dim) - 0.5
 
 
 def test_bad_configuration_gives_clear_errors():
