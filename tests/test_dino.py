@@ -17,7 +17,7 @@ from clcli.losses import dino_loss
 from clcli.methods.base import Batch, BuildContext
 from clcli.methods.dino import DINO
 from clcli.recipe import load_recipe
-from clcli.views.pipelines import eval_pipeline
+from clcli.views.pipelines import eval_pipeline, normalize_batch
 
 from .helpers import CIFAR, losses, metric_rows
 
@@ -378,8 +378,8 @@ def test_the_cifar_presets_teacher_gives_a_sharp_target_from_the_first_step():
     method = build(recipe)
     method.train()
     source = open_data(recipe.data.source, recipe.data.train_split, recipe.data)
-    x = torch.stack([eval_pipeline(32)(source.load_image(i)) for i in range(64)]).float() / 255.0
-    x = (x - torch.tensor(recipe.views.mean).view(1, 3, 1, 1)) / torch.tensor(recipe.views.std).view(1, 3, 1, 1)
+    images = torch.stack([eval_pipeline(32)(source.load_image(i)) for i in range(64)])
+    x = normalize_batch(images, recipe.views.mean, recipe.views.std)
     with torch.no_grad():
         out = method.teacher_head(method.teacher_backbone(x)).float()
     p = torch.softmax((out - out.mean(dim=0)) / recipe.method.warmup_teacher_temperature, dim=1)
