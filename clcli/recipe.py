@@ -184,8 +184,10 @@ class TrainerConfig(StrictModel):
     """The training loop.
 
     ``reference_epochs`` is the length of the run the schedules were written for (the paper's); a
-    shorter run keeps every epoch-given point (warm-up, freezes, queue start) at the same fraction
-    of the run, so a one-epoch run still warms up, freezes and switches on in proportion.
+    shorter run keeps every epoch-given point (warm-up, switches) at the same fraction of the run,
+    so a one-epoch run still warms up and switches on in proportion.  The papers' early-training
+    safeguards are the exception: methods count them in the run's own epochs
+    (:meth:`clcli.methods.base.BuildContext.first_epochs_to_steps`).
     """
 
     epochs: float = Field(100, gt=0)

@@ -281,17 +281,31 @@ def test_prototypes_are_normalised_frozen_first_and_then_trained(tmp_path):
         assert torch.allclose(s.norm(dim=1), torch.ones(24), atol=1e-5)  # re-normalised every step
 
 
-def test_the_prototype_freeze_is_not_shrunk_with_a_short_runs_schedule():
-    # a run 1/25 of the reference length: the queue's start keeps its fraction of the run, but the
-    # freeze lasts the paper's first epoch of this run (shrunk to a few steps, the prototypes and
-    # embeddings collapse together in a one-epoch CIFAR run; see the module notes)
+def test_the_prototype_freeze_and_the_queue_start_are_not_shrunk_with_a_short_runs_schedule():
+    # a run 1/25 of the reference length: the freeze lasts the paper's first epoch of this run and
+    # the queue waits for epoch 5 of it.  Shrunk, the freeze let the prototypes and embeddings
+    # collapse together, and the queue filled with a fast-moving network's embeddings and narrowed
+    # the assignments (both in a one-epoch CIFAR run; see the module notes)
     def shrunk(e: float) -> int:
         return int(math.floor(e / 25 * 100 + 0.5))
 
     method = build(tiny("method.freeze_prototypes_epochs=1", "method.queue_start_epoch=5"), 100, 200, shrunk)
-    assert method.queue_start_step == 20
+    assert method.queue_start_step == 500  # not 20
     assert method.freeze_steps == 100
     assert build(tiny("method.freeze_prototypes_epochs=3"), 100, 200, shrunk).freeze_steps == 200  # at most the run
+
+
+def test_the_cifar_presets_one_epoch_run_has_no_queue_and_its_full_run_starts_it_at_epoch_50():
+    # the benchmark budget: one epoch of CIFAR-10 at batch 128 (390 steps) of a 200-epoch preset
+    recipe = load_recipe("swav", ["trainer.epochs=1", "trainer.batch_size=128"])
+    assert recipe.method.queue_length > 0 and recipe.trainer.reference_epochs == 200
+
+    def shrunk(e: float) -> int:
+        return int(math.floor(e / 200 * 390 + 0.5))
+
+    one_epoch = build(recipe, 390, 390, shrunk)
+    assert one_epoch.queue_start_step >= 390  # never within the run
+    assert one_epoch.queue_start_step == build(recipe, 390, 200 * 390).queue_start_step == 50 * 390
 
 
 def test_queue_switches_on_at_the_resolved_point_and_is_used_once_full(tmp_path):
