@@ -110,8 +110,8 @@ class SwAV(Method):
             raise RecipeError("method.code_views: every view gives a code; at least one other view must predict them")
         # Both points guard the network's early, fast-moving steps, so both count epochs of this
         # run as they are, never shrunk with a short run's schedule: the freeze keeps a trivial
-        # solution away, and the queue waits until a queued embedding is still close to what the
-        # network would compute now (see the module notes).
+        # solution away, and the queue waits until the network moves slowly enough that a queued
+        # embedding is still close to what it would compute now (see the module notes).
         self.freeze_steps = min(ctx.total_steps, ctx.first_epochs_to_steps(cfg.freeze_prototypes_epochs))
         self.queue_start_step = ctx.first_epochs_to_steps(cfg.queue_start_epoch)
         per_process = cfg.queue_length // dist.world_size()
