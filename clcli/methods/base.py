@@ -83,8 +83,8 @@ class BuildContext:
     def first_epochs_to_steps(self, epochs: float) -> int:
         """The steps of this run's first ``epochs`` epochs, counted as they are.
 
-        For the papers' early-training safeguards (SwAV's prototype freeze, DINO's last-layer
-        freeze and teacher-temperature warm-up): they protect the network's first steps, so unlike
+        For the papers' early-training safeguards (SwAV's prototype freeze and queue start, DINO's
+        last-layer freeze and teacher-temperature warm-up): they protect the network's first steps, so unlike
         :attr:`epochs_to_steps` they are not shrunk when the run is shorter than the recipe's
         ``trainer.reference_epochs``.  Not capped at the run's length.
         """
