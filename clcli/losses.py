@@ -461,6 +461,8 @@ def cpc_infonce(predictions: torch.Tensor, candidates: torch.Tensor, targets: to
 
     the negatives being all other patches of the batch: other positions of the same image and all
     positions of the other images (CPC v2, arXiv:1905.09272, eq. 2).  No temperature, no norm.
+    v2's form (appendix A.2) is the same loss over projected candidates P z and predictions scaled
+    by its ``emb_scale``; the caller passes those in.
     """
     if predictions.dim() != 2 or candidates.dim() != 2 or predictions.shape[1] != candidates.shape[1]:
         raise ValueError(

@@ -215,8 +215,10 @@ def test_cpc_infonce_matches_a_loop_over_the_equation():
         cpc_infonce(pred, cand[:, :4], target)
 
 
-def test_method_loss_is_infonce_over_rows_below_against_every_patch_of_the_batch():
-    recipe = tiny("method.steps=2", "method.directions=[top_down, bottom_up]")
+@pytest.mark.parametrize("v2_space", [False, True], ids=["v1-z-space", "v2-target-space"])
+def test_method_loss_is_infonce_over_rows_below_against_every_patch_of_the_batch(v2_space):
+    extra = ["method.target_dim=3", "method.emb_scale=0.25"] if v2_space else []
+    recipe = tiny("method.steps=2", "method.directions=[top_down, bottom_up]", *extra)
     method = build_method(recipe, make_plan(recipe, 64), _digits(recipe), torch.device("cpu")).eval()
     torch.manual_seed(0)
     x = torch.randn(3, 49, 3, 4, 4)
@@ -226,6 +228,12 @@ def test_method_loss_is_infonce_over_rows_below_against_every_patch_of_the_batch
         z = method.backbone.encode_patches(x)  # [3, 49, D]
         grid = z.view(3, 7, 7, -1).permute(0, 3, 1, 2)
         cand = z.reshape(3 * 49, -1).numpy().astype(np.float64)
+        scale = 1.0
+        if v2_space:  # v2 (appendix A.2): candidates P z in a 3-d space, predictions scaled by 0.25
+            proj = method.target.weight.numpy().astype(np.float64)  # [3, D]
+            assert proj.shape == (3, z.shape[-1])
+            cand = cand @ proj.T
+            scale = 0.25
         pred, target = [], []
         for direction, flip in (("top_down", False), ("bottom_up", True)):
             head = method.heads[direction]
@@ -234,7 +242,7 @@ def test_method_loss_is_infonce_over_rows_below_against_every_patch_of_the_batch
                 for b in range(3):
                     for i in range(7 - k):
                         for j in range(7):
-                            pred.append(w(c[b, :, i, j]).numpy())
+                            pred.append(scale * w(c[b, :, i, j]).numpy())
                             row = (6 - (i + k)) if flip else i + k  # the true patch, k rows further on
                             target.append(b * 49 + row * 7 + j)
     expected = reference_infonce(np.array(pred, dtype=np.float64), cand, np.array(target))

@@ -15,6 +15,13 @@ five rows").  The loss is InfoNCE with the log-bilinear score exp(zᵀ W_k c): e
 pick its true patch among all patches of the batch, every position of every image
 (:func:`~clcli.losses.cpc_infonce`).
 
+v2 scores in a smaller space (appendix A.2 of arXiv:1905.09272): with ``target_dim`` set, a linear
+map P (a 1x1 convolution over the grid, shared by every step) projects each candidate patch vector
+to P z, each step's W_k predicts in that space, and the predictions are multiplied by
+``emb_scale`` (0.1 in v2), so the score is exp(s (P z)ᵀ W_k c), still log-bilinear in z and c.
+The patch encoder's z stays the representation; P is a head, like a projection head, and is not
+exported.  Without ``target_dim`` (v1) the predictions are made in z's own space.
+
 v2 also predicts in several directions: ``directions`` lists them, each with its own context
 network and predictors (``bottom_up`` runs the same construction on the grid flipped upside down,
 ``left_right`` / ``right_left`` on the transposed grid, i.e. columns predicted from the columns
@@ -26,9 +33,10 @@ image into the same grid deterministically, encodes every patch and mean-pools o
 ``clcli eval`` and ``clcli export`` use it like any backbone; :meth:`CPC.rebuild_encoder` rebuilds
 it from an exported file.
 
-v1 and v2 differ in settings only: v1 is ``encoder_norm: bn``, ``directions: [top_down]`` and no
-patch-wise augmentation (``jitter_p``, ``grayscale_p``, ``patch_jitter``, ``patch_color_drop_p``
-all 0); the built-in recipes take v2's layer norm and patch augmentation on v1's grid layout.
+v1 and v2 differ in settings only: v1 is ``encoder_norm: bn``, ``directions: [top_down]``, no
+``target_dim``, ``emb_scale: 1`` and no patch-wise augmentation (``jitter_p``, ``grayscale_p``,
+``patch_jitter``, ``patch_color_drop_p`` all 0); the built-in recipes take v2's layer norm and
+patch augmentation on v1's grid layout.
 """
 
 from __future__ import annotations
@@ -65,6 +73,10 @@ class CPCConfig(MethodConfig):
     directions: list[Direction] = Field(
         default_factory=lambda: ["top_down"], min_length=1, description="v2 predicts from all four directions"
     )
+    target_dim: int | None = Field(
+        None, ge=1, description="v2: score in a space of this size (P z for the candidates; v2: 64); none: z's own (v1)"
+    )
+    emb_scale: float = Field(1.0, gt=0, description="the predictions are multiplied by this before scoring (v2: 0.1)")
 
     @field_validator("directions")
     @classmethod
@@ -192,13 +204,14 @@ class ContextNetwork(nn.Module):
 
 
 class DirectionalPredictor(nn.Module):
-    """One direction's context network and its linear predictions W_k, k = min_step..steps."""
+    """One direction's context network and its linear predictions W_k, k = min_step..steps, made in
+    a space of ``out_dim`` dimensions (z's own, or v2's target space)."""
 
-    def __init__(self, z_dim: int, c_dim: int, blocks: int, min_step: int, steps: int) -> None:
+    def __init__(self, z_dim: int, c_dim: int, blocks: int, min_step: int, steps: int, out_dim: int) -> None:
         super().__init__()
         self.min_step, self.steps = min_step, steps
         self.context = ContextNetwork(z_dim, c_dim, blocks)
-        self.predict = nn.ModuleList(nn.Linear(c_dim, z_dim, bias=False) for _ in range(min_step, steps + 1))
+        self.predict = nn.ModuleList(nn.Linear(c_dim, out_dim, bias=False) for _ in range(min_step, steps + 1))
 
     def forward(self, grid: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``grid`` [B, D, R, C] (rows in prediction order), ``index`` [B, R, C] each cell's row in
@@ -250,9 +263,15 @@ class CPC(Method):
         self.backbone = build_patch_encoder(ctx.recipe)
         z_dim = self.backbone.feature_dim
         c_dim = cfg.context_dim or z_dim
+        out_dim = cfg.target_dim or z_dim
         self.heads = nn.ModuleDict(
-            {d: DirectionalPredictor(z_dim, c_dim, cfg.context_blocks, cfg.min_step, cfg.steps) for d in cfg.directions}
+            {
+                d: DirectionalPredictor(z_dim, c_dim, cfg.context_blocks, cfg.min_step, cfg.steps, out_dim)
+                for d in cfg.directions
+            }
         )
+        # v2's target projection P; a bias would add the same term to every candidate's score, so there is none
+        self.target = nn.Linear(z_dim, cfg.target_dim, bias=False) if cfg.target_dim else None
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         if len(batch.views) != 1 or batch.views[0].dim() != 5:
@@ -270,7 +289,10 @@ class CPC(Method):
             p, t = head(orient(grid, direction), orient(index, direction))
             preds.append(p)
             targets.append(t)
-        loss = cpc_infonce(torch.cat(preds), z.reshape(b * n, -1), torch.cat(targets))
+        candidates = z.reshape(b * n, -1)
+        if self.target is not None:
+            candidates = self.target(candidates)
+        loss = cpc_infonce(torch.cat(preds) * self.cfg.emb_scale, candidates, torch.cat(targets))
         return StepOutput(loss, {"patch_norm": z.detach().float().norm(dim=-1).mean()})
 
     def schedule_summary(self) -> dict[str, str]:
@@ -283,6 +305,10 @@ class CPC(Method):
             "prediction": f"rows i+{cfg.min_step}..i+{cfg.steps} from context row i, directions "
             f"{', '.join(cfg.directions)} ({per_dir * len(cfg.directions)} predictions per image)",
             "negatives": f"all {self.rows * self.rows} patches of every image in the batch",
+            "scores": (
+                f"in a {cfg.target_dim}-d target space (P z)" if cfg.target_dim else f"in z's {g.feature_dim}-d space"
+            )
+            + f", predictions x {cfg.emb_scale:g}",
         }
 
     # -- export -----------------------------------------------------------------------------
