@@ -217,7 +217,11 @@ def test_cpc_infonce_matches_a_loop_over_the_equation():
 
 @pytest.mark.parametrize("v2_space", [False, True], ids=["v1-z-space", "v2-target-space"])
 def test_method_loss_is_infonce_over_rows_below_against_every_patch_of_the_batch(v2_space):
-    extra = ["method.target_dim=3", "method.emb_scale=0.25"] if v2_space else []
+    extra = (
+        ["method.target_dim=3", "method.emb_scale=0.25"]
+        if v2_space
+        else ["method.target_dim=null", "method.emb_scale=1"]
+    )
     recipe = tiny("method.steps=2", "method.directions=[top_down, bottom_up]", *extra)
     method = build_method(recipe, make_plan(recipe, 64), _digits(recipe), torch.device("cpu")).eval()
     torch.manual_seed(0)
@@ -229,6 +233,7 @@ def test_method_loss_is_infonce_over_rows_below_against_every_patch_of_the_batch
         grid = z.view(3, 7, 7, -1).permute(0, 3, 1, 2)
         cand = z.reshape(3 * 49, -1).numpy().astype(np.float64)
         scale = 1.0
+        assert (method.target is not None) == v2_space
         if v2_space:  # v2 (appendix A.2): candidates P z in a 3-d space, predictions scaled by 0.25
             proj = method.target.weight.numpy().astype(np.float64)  # [3, D]
             assert proj.shape == (3, z.shape[-1])
