@@ -100,6 +100,22 @@ def test_no_gradient_reaches_the_target_and_the_optimiser_never_sees_it(tmp_path
     assert {id(p) for p in online} <= in_optimizer
 
 
+def test_each_view_has_its_own_batch_statistics_in_both_networks(tmp_path):
+    """The paper's code applies each network once per view: in training mode, what view 1 gives must not
+    depend on view 2's images (a joint pass over both views would share batch-norm statistics)."""
+    recipe = tiny()
+    m = prepare_training(recipe, tmp_path / "run").method
+    m.train()
+    views = _batch(recipe).views
+    other = [views[0], views[1] * 3.0 + 1.0]
+    with torch.no_grad():
+        q_a, q_b = m._online(views)[0], m._online(other)[0]
+    z_a, z_b = m._target(views)[0], m._target(other)[0]
+    assert torch.equal(q_a, q_b) and torch.equal(z_a, z_b)
+    with torch.no_grad():  # and view 2's own output does change, so the check can fail
+        assert not torch.allclose(m._online(views)[1], m._online(other)[1])
+
+
 def test_target_moves_by_the_ema_after_each_step(tmp_path):
     recipe = tiny("trainer.steps=10", "method.momentum=0.9")
     m = prepare_training(recipe, tmp_path / "run").method

@@ -121,6 +121,22 @@ def test_a_few_steps_lower_the_loss_on_real_images(both_ways):
     assert sum(seq[-5:]) / 5 < sum(seq[:5]) / 5 - 0.3
 
 
+def test_each_view_has_its_own_batch_statistics():
+    """Algorithm 1 runs f and h on x1 and x2 separately: in training mode, z1 and p1 must not depend on
+    the images of view 2 (a joint pass over both views would share batch-norm statistics)."""
+    recipe = tiny("trainer.batch_size=16")
+    source, batch = _fixed_views(recipe, n=16)
+    torch.manual_seed(0)
+    method = build_method(recipe, make_plan(recipe, len(source)), source, torch.device("cpu"))
+    method.train()
+    v1, v2 = batch.views
+    with torch.no_grad():
+        a = method.forward_views([v1, v2])
+        b = method.forward_views([v1, v2.flip(0) * 2.0])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])  # z1, p1
+    assert not torch.allclose(a[1], b[1])  # z2 does change
+
+
 def test_stop_gradient_changes_the_gradient_not_the_loss():
     grads = {}
     values = {}

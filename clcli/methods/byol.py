@@ -8,10 +8,11 @@ over the K steps of the run (:func:`clcli.methods.momentum.momentum_schedule`). 
 2 − 2·cos(q, z′), symmetrised over the two views; there are no negatives.
 
 The two views are separate view groups in the recipe (BYOL's augmentation is asymmetric: blur
-with probability 1.0 / 0.1 and solarisation 0 / 0.2), in declared order: view 1, view 2.  Both go
-through each network in one pass, so the online batch-normalisation sees the 2N images together;
-the target runs in training mode too (batch statistics), under ``torch.no_grad``, and keeps its own
-running statistics.
+with probability 1.0 / 0.1 and solarisation 0 / 0.2), in declared order: view 1, view 2.  Each view
+goes through each network in its own pass, as in the paper's released code (the network is applied
+once to view 1 and once to view 2), so batch normalisation takes its statistics over the N images
+of one view, never over both views together.  The target runs in training mode too (batch
+statistics), under ``torch.no_grad``, and keeps its own running statistics.
 """
 
 from __future__ import annotations
@@ -69,14 +70,12 @@ class BYOL(Method):
         return self.projector(self.backbone(x))
 
     def _online(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        if all(v.shape == views[0].shape for v in views):
-            return list(self.predictor(self.projector(self.backbone(torch.cat(views)))).chunk(len(views)))
+        """The online predictions q, one pass per view (batch-norm statistics per view)."""
         return [self.predictor(self.projector(self.backbone(v))) for v in views]
 
     @torch.no_grad()
     def _target(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        if all(v.shape == views[0].shape for v in views):
-            return list(self.target_projector(self.target_backbone(torch.cat(views))).chunk(len(views)))
+        """The target projections z′, one pass per view, without gradient."""
         return [self.target_projector(self.target_backbone(v)) for v in views]
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:

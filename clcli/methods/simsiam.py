@@ -92,15 +92,16 @@ class SimSiam(Method):
             ParamGroup("predictor", predictor, fixed_lr=self.cfg.fixed_predictor_lr),
         ]
 
+    def forward_views(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """z₁, z₂, p₁, p₂: f and h applied to each view in its own pass, as the paper's Algorithm 1
+        (``z1, z2 = f(x1), f(x2)``), so batch norm takes its statistics over one view's N images."""
+        z1, z2 = (self.projector(self.backbone(v)) for v in views)
+        return z1, z2, self.predictor(z1), self.predictor(z2)
+
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         if len(batch.views) != 2:
             raise ValueError(f"SimSiam uses exactly two views per image, the recipe makes {len(batch.views)}")
-        views = batch.views
-        if views[0].shape == views[1].shape:
-            z1, z2 = self.projector(self.backbone(torch.cat(views))).chunk(2)
-        else:
-            z1, z2 = (self.projector(self.backbone(v)) for v in views)
-        p1, p2 = self.predictor(torch.cat([z1, z2])).chunk(2)
+        z1, z2, p1, p2 = self.forward_views(batch.views)
         if self.cfg.stop_gradient:
             t1, t2 = z1.detach(), z2.detach()
         else:
