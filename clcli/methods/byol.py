@@ -19,14 +19,13 @@ over the 2N images together.  At the one-epoch CIFAR-10 budget ``separate`` scor
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field, model_validator
 
 from clcli.losses import byol_loss
 from clcli.methods.base import Batch, BuildContext, Method, StepOutput
 from clcli.methods.momentum import ema_update, momentum_copy, momentum_schedule
+from clcli.methods.multicrop import ViewPasses, describe_view_passes, pass_views
 from clcli.models.heads import MLP
 from clcli.recipe import MethodConfig
 
@@ -42,11 +41,7 @@ class BYOLConfig(MethodConfig):
     projector: list[int] = Field(default_factory=lambda: [4096, 256], min_length=1)
     predictor: list[int] = Field(default_factory=lambda: [4096, 256], min_length=1)
     head_norm: str = Field("bn", pattern="^(bn|ln|none)$", description="normalisation of the heads' hidden layers")
-    view_passes: Literal["joint", "separate"] = Field(
-        "separate",
-        description="joint: both views in one pass (batch norm over 2N images); separate: one pass per view, "
-        "as the paper's code (batch norm per view)",
-    )
+    view_passes: ViewPasses = "separate"  # the paper's code: one pass per view
     momentum: float = Field(0.996, ge=0, le=1, description="τ₀, the target EMA momentum at step 0")
     momentum_end: float = Field(1.0, ge=0, le=1, description="τ at the last step (cosine from τ₀)")
 
@@ -78,21 +73,14 @@ class BYOL(Method):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))
 
-    def _joint(self, views: list[torch.Tensor]) -> bool:
-        return self.cfg.view_passes == "joint" and all(v.shape == views[0].shape for v in views)
-
     def _online(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """The online predictions q, both views in one pass or each in its own (``view_passes``)."""
-        if self._joint(views):
-            return list(self.predictor(self.projector(self.backbone(torch.cat(views)))).chunk(len(views)))
-        return [self.predictor(self.projector(self.backbone(v))) for v in views]
+        return pass_views(lambda x: self.predictor(self.projector(self.backbone(x))), views, self.cfg.view_passes)
 
     @torch.no_grad()
     def _target(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """The target projections z′, passed like the online network's, without gradient."""
-        if self._joint(views):
-            return list(self.target_projector(self.target_backbone(torch.cat(views))).chunk(len(views)))
-        return [self.target_projector(self.target_backbone(v)) for v in views]
+        return pass_views(lambda x: self.target_projector(self.target_backbone(x)), views, self.cfg.view_passes)
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         if len(batch.views) != 2:
@@ -114,9 +102,7 @@ class BYOL(Method):
         c = self.cfg
         return {
             "target EMA momentum": f"{c.momentum:g} -> {c.momentum_end:g} (cosine over {self.total_steps} steps)",
-            "view passes": "one per view (batch norm per view)"
-            if c.view_passes == "separate"
-            else "one for both views",
+            "view passes": describe_view_passes(c.view_passes),
             "projector": str([self.backbone.feature_dim, *c.projector]),
             "predictor": str([c.projector[-1], *c.predictor]),
         }

@@ -17,14 +17,33 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from clcli.errors import RecipeError
 from clcli.recipe import ViewGroup
 
-__all__ = ["declared_view_names", "multicrop_forward", "resolution_runs", "running_stats_frozen", "views_of"]
+__all__ = [
+    "ViewPasses",
+    "declared_view_names",
+    "describe_view_passes",
+    "multicrop_forward",
+    "pass_views",
+    "resolution_runs",
+    "running_stats_frozen",
+    "views_of",
+]
+
+ViewPasses = Annotated[
+    Literal["joint", "separate"],
+    Field(
+        description="joint: same-size views in one pass (batch norm over them together); separate: one pass per "
+        "view (batch norm per view)"
+    ),
+]
 
 
 def resolution_runs(views: Sequence[Tensor]) -> list[tuple[int, int]]:
@@ -99,6 +118,19 @@ def multicrop_forward(
                 for j, piece in enumerate(out.split([v.shape[0] for v in chunk], dim=0)):
                     outputs[part[start + j]] = piece
     return [o for o in outputs if o is not None]  # every position is filled
+
+
+def pass_views(network: Callable[[Tensor], Tensor], views: Sequence[Tensor], passes: str) -> list[Tensor]:
+    """``network`` on every view: ``joint`` is :func:`multicrop_forward` (one call per run of same-size
+    views); ``separate`` is one call per view, so batch norm takes each view's own statistics."""
+    if passes == "separate":
+        return [network(v) for v in views]
+    return multicrop_forward(network, views)
+
+
+def describe_view_passes(passes: str) -> str:
+    """The line a method's resolved schedule prints for its ``view_passes``."""
+    return "one per view (batch norm per view)" if passes == "separate" else "one for both views"
 
 
 def views_of(view_names: Sequence[str], groups: Sequence[str], what: str = "views") -> list[int]:

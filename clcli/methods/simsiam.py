@@ -24,7 +24,6 @@ budget it scored 0.379 kNN against 0.359 for ``separate`` (seed 0).
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from pydantic import Field, model_validator
 
 from clcli.losses import simsiam_loss
 from clcli.methods.base import Batch, BuildContext, Method, ParamGroup, StepOutput
+from clcli.methods.multicrop import ViewPasses, describe_view_passes, pass_views
 from clcli.models.heads import MLP
 from clcli.recipe import MethodConfig
 
@@ -49,11 +49,7 @@ class SimSiamConfig(MethodConfig):
     predictor: list[int] = Field(default_factory=lambda: [512, 2048], min_length=1)
     stop_gradient: bool = Field(True, description="false only for the paper's collapse ablation")
     fixed_predictor_lr: bool = Field(True, description="hold the predictor's learning rate at the peak")
-    view_passes: Literal["joint", "separate"] = Field(
-        "separate",
-        description="joint: both views in one pass (batch norm over 2N images); separate: one pass per view, "
-        "as the paper's Algorithm 1 (batch norm per view)",
-    )
+    view_passes: ViewPasses = "separate"  # the paper's Algorithm 1: one pass per view
 
     @model_validator(mode="after")
     def _heads_fit(self) -> SimSiamConfig:
@@ -106,12 +102,9 @@ class SimSiam(Method):
 
     def forward_views(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """z₁, z₂, p₁, p₂, both views in one pass or each in its own (``view_passes``)."""
-        if self.cfg.view_passes == "joint" and views[0].shape == views[1].shape:
-            z1, z2 = self.projector(self.backbone(torch.cat(views))).chunk(2)
-            p1, p2 = self.predictor(torch.cat([z1, z2])).chunk(2)
-            return z1, z2, p1, p2
-        z1, z2 = (self.projector(self.backbone(v)) for v in views)
-        return z1, z2, self.predictor(z1), self.predictor(z2)
+        z1, z2 = pass_views(lambda x: self.projector(self.backbone(x)), views, self.cfg.view_passes)
+        p1, p2 = pass_views(self.predictor, [z1, z2], self.cfg.view_passes)
+        return z1, z2, p1, p2
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         if len(batch.views) != 2:
@@ -130,9 +123,7 @@ class SimSiam(Method):
         return {
             "predictor lr": "held at the peak (not decayed)" if c.fixed_predictor_lr else "follows the schedule",
             "stop-gradient": "on" if c.stop_gradient else "OFF (collapse ablation)",
-            "view passes": "one per view (batch norm per view)"
-            if c.view_passes == "separate"
-            else "one for both views",
+            "view passes": describe_view_passes(c.view_passes),
             "projector": str([self.backbone.feature_dim, *c.projector]),
             "predictor": str([c.projector[-1], *c.predictor]),
         }
