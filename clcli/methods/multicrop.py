@@ -27,6 +27,7 @@ from clcli.errors import RecipeError
 from clcli.recipe import ViewGroup
 
 __all__ = [
+    "ViewPassMode",
     "ViewPasses",
     "declared_view_names",
     "describe_view_passes",
@@ -37,8 +38,9 @@ __all__ = [
     "views_of",
 ]
 
+ViewPassMode = Literal["joint", "separate"]
 ViewPasses = Annotated[
-    Literal["joint", "separate"],
+    ViewPassMode,
     Field(
         description="joint: same-size views in one pass (batch norm over them together); separate: one pass per "
         "view (batch norm per view)"
@@ -120,7 +122,7 @@ def multicrop_forward(
     return [o for o in outputs if o is not None]  # every position is filled
 
 
-def pass_views(network: Callable[[Tensor], Tensor], views: Sequence[Tensor], passes: str) -> list[Tensor]:
+def pass_views(network: Callable[[Tensor], Tensor], views: Sequence[Tensor], passes: ViewPassMode) -> list[Tensor]:
     """``network`` on every view: ``joint`` is :func:`multicrop_forward` (one call per run of same-size
     views); ``separate`` is one call per view, so batch norm takes each view's own statistics."""
     if passes == "separate":
@@ -128,7 +130,7 @@ def pass_views(network: Callable[[Tensor], Tensor], views: Sequence[Tensor], pas
     return multicrop_forward(network, views)
 
 
-def describe_view_passes(passes: str) -> str:
+def describe_view_passes(passes: ViewPassMode) -> str:
     """The line a method's resolved schedule prints for its ``view_passes``."""
     return "one per view (batch norm per view)" if passes == "separate" else "one for both views"
 
