@@ -58,6 +58,7 @@ def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
         summary = pretrain(recipe, run_dir, console=console, show_progress=args.progress)
         train_seconds = time.perf_counter() - start
         steps = summary["steps"]
+    used = load_recipe(run_dir / "recipe.yaml").trainer.precision  # bf16 -> fp32 on a CPU without bf16
     result = knn_eval(
         run_dir,
         k=args.k,
@@ -80,7 +81,7 @@ def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
         "backbone": recipe.model.backbone.name,
         "epochs": args.epochs,
         "batch": args.batch,
-        "precision": args.precision,
+        "precision": used,
         "seed": args.seed,
         "steps": steps,
         "knn_top1": result["top1"],

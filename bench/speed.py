@@ -43,6 +43,7 @@ def measure(recipe_name: str, precision: str, args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="clcli-speed-"))
     try:
         stages = prepare_training(recipe, tmp / "run")
+        used = stages.recipe.trainer.precision  # bf16 falls back to fp32 on a CPU without bf16 arithmetic
         stages.trainer.fit()
         rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     finally:
@@ -53,7 +54,7 @@ def measure(recipe_name: str, precision: str, args: argparse.Namespace) -> dict:
         "method": recipe_name,
         "backbone": recipe.model.backbone.name,
         "batch": args.batch,
-        "precision": precision,
+        "precision": used,
         "views_per_image": views,
         "images_per_s": round(timed["images_per_s"], 1),
         "steps_timed": args.steps,

@@ -27,6 +27,7 @@ from clcli.engine.loader import StreamViewsDataset, ViewsDataset
 from clcli.engine.trainer import Trainer, make_plan, pick_device
 from clcli.errors import CheckpointError, ClcliError, DataError, RecipeError
 from clcli.methods.base import BuildContext, Method
+from clcli.precision import resolve_precision
 from clcli.recipe import BackboneConfig, DataConfig, Recipe, validate_recipe
 from clcli.registry import BACKBONES, METHODS, SOURCES
 from clcli.views import ViewMaker
@@ -200,13 +201,17 @@ def prepare_training(
             )
         shutil.rmtree(out)
         existing = None
+    device = pick_device(recipe.trainer.device)
+    precision, why = resolve_precision(recipe.trainer.precision, device)
+    if why is not None:
+        console.print(f"[yellow]note:[/] {why}")
+        recipe = recipe.model_copy(update={"trainer": recipe.trainer.model_copy(update={"precision": precision})})
     if existing is not None:
         saved = json.loads((existing / ckpt.STATE_FILE).read_text())["recipe"]
         check_resumable(saved, recipe)
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
     torch.manual_seed(recipe.seed)
-    device = pick_device(recipe.trainer.device)
     data = recipe.data
     source = open_data(data.source, data.train_split, data)
     if isinstance(source, ImageSource):

@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 
+from clcli import precision
 from clcli.assemble import load_run, prepare_training, pretrain
 from clcli.engine import checkpoint as ckpt
 from clcli.errors import ClcliError, TrainingError
@@ -129,7 +130,8 @@ def test_ctrl_c_saves_and_stops_cleanly(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-00000002"
 
 
-def test_gradient_accumulation_and_bf16_run(tmp_path):
+def test_gradient_accumulation_and_bf16_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: True)  # bf16 itself, also on a CPU without it
     recipe = tiny_recipe(
         "trainer.steps=2", "trainer.accumulate=2", "trainer.precision=bf16", "trainer.channels_last=true"
     )

@@ -40,6 +40,7 @@ from rich.console import Console
 from clcli.data import ImageSource
 from clcli.data.images import read_image_file
 from clcli.errors import BadImageError, CheckpointError, ClcliError, DataError
+from clcli.precision import use_bf16
 from clcli.text.templates import fill, load_templates
 from clcli.views.pipelines import eval_pipeline
 from clcli.views.plain import plain_loader, split_progress
@@ -192,12 +193,13 @@ def zeroshot_scores(
     scale = float(model.logit_scale_value())
     logits, kept = [], []
     progress = split_progress("zero-shot", show=show_progress, console=console)
+    bf16 = preprocess.bf16 and use_bf16("bf16", device)
     with progress:
         task = progress.add_task("zero-shot", total=len(source))
         for images, idx in loader:
             if images is not None:
                 x = (images.to(device).float() / 255.0 - mean) / std
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=preprocess.bf16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     emb = model.encode_image(x)
                 logits.append((scale * F.normalize(emb.float(), dim=-1) @ weights.t()).cpu())
                 kept.append(idx)

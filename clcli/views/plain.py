@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset
 
 from clcli.errors import BadImageError
+from clcli.precision import use_bf16
 from clcli.recipe import Recipe
 from clcli.views.pipelines import eval_pipeline, normalize_batch
 
@@ -109,7 +110,7 @@ def encode_split(
         skip_bad=recipe.data.skip_bad_images,
     )
     out_device = out_device or torch.device("cpu")
-    autocast = recipe.trainer.precision == "bf16"
+    autocast = use_bf16(recipe.trainer.precision, device)
     chunks: list[torch.Tensor] = []
     kept: list[torch.Tensor] = []
     progress = split_progress(description, show=show_progress, console=console)

@@ -1,0 +1,53 @@
+"""Which precision a run really uses on the device it runs on.
+
+``trainer.precision: bf16`` is a speed choice: on a GPU, and on CPUs with bf16 instructions
+(AVX512-BF16, AMX), bf16 autocast runs matrix work several times faster than fp32.  On a CPU
+without them PyTorch emulates bf16, and the same work runs tens of times *slower* than fp32 (on
+one AVX2-only machine here: 0.6 GFLOP/s in bf16 against 44 in fp32), so a bf16 preset would turn a
+minutes-long run into days.  There, bf16 falls back to fp32, and the run says so.
+
+Whether this CPU is such a machine is measured once per process, not read from CPU flags (which
+differ by vendor and operating system): one small matrix product in each precision, best of three.
+The two outcomes are far apart (several times faster or tens of times slower), so the noise of a
+busy machine does not flip the answer.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_is_fast() -> bool:
+    """True when a bf16 matrix product on this CPU is at least as fast as the fp32 one."""
+    a = torch.randn(192, 192, generator=torch.Generator().manual_seed(0))
+
+    def best(dtype: torch.dtype) -> float:
+        x = a.to(dtype)
+        x @ x  # warm-up
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.bfloat16) <= best(torch.float32)
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
+    """The precision to use for ``requested`` on ``device``, and why it differs (None if it does not)."""
+    if requested == "bf16" and device.type == "cpu" and not cpu_bf16_is_fast():
+        return "fp32", (
+            "this CPU has no native bf16 arithmetic: emulated bf16 runs many times slower than fp32, "
+            "so trainer.precision bf16 falls back to fp32 here"
+        )
+    return requested, None
+
+
+def use_bf16(requested: str, device: torch.device) -> bool:
+    """Whether bf16 autocast should be on for ``requested`` precision on ``device``."""
+    return resolve_precision(requested, device)[0] == "bf16"
