@@ -28,7 +28,7 @@ from clcli.engine.trainer import Trainer, make_plan, pick_device
 from clcli.errors import CheckpointError, ClcliError, DataError, RecipeError
 from clcli.methods.base import BuildContext, Method
 from clcli.precision import resolve_precision
-from clcli.recipe import BackboneConfig, DataConfig, Recipe, validate_recipe
+from clcli.recipe import BackboneConfig, DataConfig, Recipe, apply_overrides, validate_recipe
 from clcli.registry import BACKBONES, METHODS, SOURCES
 from clcli.views import ViewMaker
 
@@ -205,7 +205,7 @@ def prepare_training(
     precision, why = resolve_precision(recipe.trainer.precision, device)
     if why is not None:
         console.print(f"[yellow]note:[/] {why}")
-        recipe = recipe.model_copy(update={"trainer": recipe.trainer.model_copy(update={"precision": precision})})
+        recipe = validate_recipe(apply_overrides(recipe.to_dict(), [f"trainer.precision={precision}"]))
     if existing is not None:
         saved = json.loads((existing / ckpt.STATE_FILE).read_text())["recipe"]
         check_resumable(saved, recipe)
