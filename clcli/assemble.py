@@ -23,6 +23,7 @@ from torch import nn
 from clcli import __version__
 from clcli.data import ImageSource, StreamSource, open_source
 from clcli.engine import checkpoint as ckpt
+from clcli.engine.determinism import determinism_state, enable_determinism
 from clcli.engine.loader import StreamViewsDataset, ViewsDataset
 from clcli.engine.trainer import Trainer, make_plan, pick_device
 from clcli.errors import CheckpointError, ClcliError, DataError, RecipeError
@@ -41,6 +42,7 @@ RESUMABLE_CHANGES = {
     ("trainer", "keep_checkpoints"),
     ("trainer", "device"),
     ("trainer", "threads"),
+    ("trainer", "deterministic"),
     ("trainer", "online_knn_every"),
     ("data", "num_workers"),
 }
@@ -123,6 +125,7 @@ def provenance(recipe: Recipe) -> dict[str, Any]:
         "platform": platform.platform(),
         "git_commit": _git_commit(),
         "recipe_hash": recipe.digest(),
+        "determinism": determinism_state(),
         "command": sys.argv,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -211,6 +214,8 @@ def prepare_training(
         check_resumable(saved, recipe)
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
+    if recipe.trainer.deterministic:
+        enable_determinism()
     torch.manual_seed(recipe.seed)
     data = recipe.data
     source = open_data(data.source, data.train_split, data)

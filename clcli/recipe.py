@@ -203,6 +203,10 @@ class TrainerConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     online_knn_every: float | None = Field(None, gt=0, description="epochs between online kNN evaluations")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    deterministic: bool = Field(
+        False,
+        description="deterministic CUDA kernels, so GPU runs and resumes repeat bitwise (slower); CPU runs always do",
+    )
 
 
 # --------------------------------------------------------------------------------------- eval

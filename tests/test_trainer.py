@@ -148,3 +148,55 @@ def test_run_folder_records_recipe_and_provenance(tmp_path):
     assert prov["recipe_hash"] == recipe.digest()
     assert {"clcli", "torch", "torchvision", "git_commit"} <= set(prov)
     assert "trainer:" in (tmp_path / "run" / "recipe.yaml").read_text()
+
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    """Give the process back its deterministic-kernel settings after the test."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+def test_deterministic_run_switches_pytorch_to_deterministic_kernels_and_resumes(tmp_path, restore_determinism):
+    import os
+
+    torch.backends.cudnn.benchmark = True  # as a user's notebook might have left it
+    plain = tiny_recipe("trainer.steps=4")
+    pretrain(plain, tmp_path / "plain")
+    assert not torch.are_deterministic_algorithms_enabled()  # off unless asked for
+    prov = json.loads((tmp_path / "plain" / "provenance.json").read_text())
+    assert prov["determinism"]["deterministic_algorithms"] is False
+
+    recipe = tiny_recipe("trainer.steps=4", "trainer.deterministic=true")
+    stages = prepare_training(recipe, tmp_path / "det")
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.is_deterministic_algorithms_warn_only_enabled()  # an op without a deterministic kernel warns
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    prov = json.loads((tmp_path / "det" / "provenance.json").read_text())
+    assert prov["determinism"] == {
+        "deterministic_algorithms": True,
+        "cudnn_deterministic": True,
+        "cudnn_benchmark": False,
+        "cublas_workspace_config": ":4096:8",
+    }
+    stages.trainer.fit(stop_after=2)
+    # the flag changes kernels, not the maths: a resume may switch it, and on the CPU nothing changes
+    pretrain(tiny_recipe("trainer.steps=4"), tmp_path / "det", resume=True)
+    assert losses(tmp_path / "det") == losses(tmp_path / "plain")
+
+
+def test_a_users_cublas_setting_is_kept(tmp_path, restore_determinism, monkeypatch):
+    import os
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    prepare_training(tiny_recipe("trainer.deterministic=true"), tmp_path / "run")
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

@@ -135,7 +135,8 @@ class Trainer:
         table = Table(title="resolved schedule", show_header=False, box=None)
         rows = {
             "method": r.method.name,
-            "device / precision": f"{self.device.type} / {r.trainer.precision}",
+            "device / precision": f"{self.device.type} / {r.trainer.precision}"
+            + (" / deterministic kernels" if r.trainer.deterministic and self.device.type == "cuda" else ""),
             "images per epoch": str(p.dataset_size) if p.dataset_size is not None else "streaming",
             "batch x accumulate": f"{r.trainer.batch_size} x {r.trainer.accumulate}",
             "steps per epoch": str(p.steps_per_epoch),
