@@ -59,6 +59,8 @@ def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
         train_seconds = time.perf_counter() - start
         steps = summary["steps"]
     used = load_recipe(run_dir / "recipe.yaml").trainer.precision  # bf16 -> fp32 on a CPU without bf16
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if steps else []
+    last_log = next((r for r in reversed(logged) if "loss" in r), {})  # e.g. SimSiam's collapse metric, SwAV's entropy
     result = knn_eval(
         run_dir,
         k=args.k,
@@ -90,6 +92,7 @@ def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
         "temperature": args.temperature,
         "train_seconds": round(train_seconds, 1),
         "overrides": list(args.set or []),
+        "last_log": last_log,
         **zeroshot_row,
         **environment(),
     }
