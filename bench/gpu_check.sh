@@ -20,6 +20,8 @@ export PYTHONUNBUFFERED=1 HF_HOME=${HF_HOME:-/tmp/hf} HF_HUB_OFFLINE=1 HF_DATASE
 OUT=${OUT:-/tmp/gpu-check}; mkdir -p "$OUT"
 PY=${PY:-python3}; DEADLINE=${DEADLINE:-400}; W=${W:-8}; SUFFIX=${SUFFIX:--gpu}
 T0=$(date +%s)
+[ -n "${DATA:-}" ] && DATA=$(realpath "$DATA")      # the runs below start in bench/
+[ -n "${WHEELS:-}" ] && WHEELS=$(realpath "$WHEELS")
 left() { echo $((DEADLINE - ($(date +%s) - T0))); }
 log() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$OUT/main.log"; }
 if [ -n "${WHEELS:-}" ]; then
