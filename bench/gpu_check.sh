@@ -9,12 +9,13 @@
 # A job on the command line is recipe:seed (row <recipe>$SUFFIX) or untrained-<recipe>:seed (the
 # recipe's untrained encoder). JOBS: a file of further jobs, one per line, "row recipe seed
 # [override ...]" (overrides as for --set, without spaces; '#' starts a comment; recipe
-# "untrained-<recipe>" as above). RESUME: recipes for bench/resume_check.py on CUDA, once as they are
-# and once with trainer.deterministic=true. DEADLINE: seconds for the whole script (runs that would
-# not fit are skipped, never cut short silently). WHEELS: a folder of wheels to install first into
-# /tmp/site (a machine without pydantic or datasets). DATA: a folder with train.parquet and
-# test.parquet (default ../shared/data/cifar10). SUFFIX: the row-name suffix for command-line jobs
-# (default -gpu). The test suite is not run here: it hides CUDA (tests/conftest.py).
+# "untrained-<recipe>" as above). RESUME: recipes for bench/resume_check.py on CUDA, once as they
+# are and once with trainer.deterministic=true, and a speed row of each with it. DEADLINE: seconds
+# for the whole script (runs that would not fit are skipped, never cut short silently). WHEELS: a
+# folder of wheels to install first into /tmp/site (a machine without pydantic or datasets). DATA: a
+# folder with train.parquet and test.parquet (default ../shared/data/cifar10). SUFFIX: the row-name
+# suffix for command-line jobs (default -gpu). bench/gpu_prepare.sh builds WHEELS and DATA. The test
+# suite is not run here: it hides CUDA (tests/conftest.py).
 set -u
 export PYTHONUNBUFFERED=1 HF_HOME=${HF_HOME:-/tmp/hf} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 OUT=${OUT:-/tmp/gpu-check}; mkdir -p "$OUT"
@@ -65,6 +66,10 @@ fi
 if [ "$(left)" -gt 45 ]; then
   timeout $(($(left) - 10)) $PY speed.py ${SPEED:-simclr swav cmc} --batch 256 --precision bf16 fp32 --steps 15 \
     --workers "$W" ${DATA:+--data "$DATA/train.parquet"} > "$OUT/speed.log" 2>&1
+  if [ -n "${RESUME:-}" ] && [ "$(left)" -gt 30 ]; then  # what deterministic kernels cost
+    timeout $(($(left) - 10)) $PY speed.py $RESUME --batch 256 --precision bf16 --steps 15 --workers "$W" \
+      --set trainer.deterministic=true ${DATA:+--data "$DATA/train.parquet"} >> "$OUT/speed.log" 2>&1
+  fi
   cp results/speed.json "$OUT/speed.json"
 fi
 log done

@@ -44,6 +44,7 @@ def measure(recipe_name: str, precision: str, args: argparse.Namespace) -> dict:
     try:
         stages = prepare_training(recipe, tmp / "run")
         used = stages.recipe.trainer.precision  # bf16 falls back to fp32 on a CPU without bf16 arithmetic
+        device = stages.trainer.device.type
         stages.trainer.fit()
         rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     finally:
@@ -55,6 +56,8 @@ def measure(recipe_name: str, precision: str, args: argparse.Namespace) -> dict:
         "backbone": recipe.model.backbone.name,
         "batch": args.batch,
         "precision": used,
+        "device": device,
+        "overrides": list(args.set or []),
         "views_per_image": views,
         "images_per_s": round(timed["images_per_s"], 1),
         "steps_timed": args.steps,
@@ -78,9 +81,11 @@ def main() -> None:
     rows = [measure(r, prec, args) for r in args.recipes for prec in args.precision]
     for row in rows:
         console.print(json.dumps({k: row[k] for k in ("method", "backbone", "batch", "precision", "images_per_s")}))
-    merged = merge_results(RESULTS / "speed.json", rows, ("method", "backbone", "batch", "precision"))
-    cols = ["method", "backbone", "batch", "precision", "views_per_image", "images_per_s", "when"]
-    (RESULTS / "speed.md").write_text(markdown_table(sorted(merged, key=lambda r: (r["method"], r["precision"])), cols))
+    key = ("method", "backbone", "batch", "precision", "device", "overrides")  # CPU and GPU rows side by side
+    merged = merge_results(RESULTS / "speed.json", rows, key)
+    cols = [*key, "views_per_image", "images_per_s", "when"]
+    ordered = sorted(merged, key=lambda r: (r["method"], r["device"], r["precision"]))
+    (RESULTS / "speed.md").write_text(markdown_table(ordered, cols))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ def test_gpu_check_runs_command_line_and_file_jobs_with_their_overrides(tmp_path
         "trainer.deterministic=false",
         "trainer.deterministic=true",
     ]
-    assert calls[-1].startswith("speed.py")
+    speed = [c for c in calls if c.startswith("speed.py")]
+    assert speed[0].startswith("speed.py simclr swav cmc --batch 256 --precision bf16 fp32 ")
+    assert speed[1].startswith("speed.py simclr ") and "--set trainer.deterministic=true" in speed[1]
 
 
 def test_gpu_check_skips_jobs_that_would_not_fit_the_deadline(tmp_path):
