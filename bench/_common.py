@@ -37,6 +37,11 @@ def environment() -> dict[str, Any]:
     }
 
 
+def metric_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of a run's metrics.jsonl, in order (the trainer writes one per logged step)."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def merge_results(path: Path, rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
     """Add rows to a JSON results file, replacing earlier rows with the same key."""
 

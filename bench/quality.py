@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import CIFAR, ROOT, environment, markdown_table, merge_results
+from _common import CIFAR, ROOT, environment, markdown_table, merge_results, metric_rows
 from rich.console import Console
 
 from clcli.assemble import prepare_training, pretrain
@@ -59,7 +59,7 @@ def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
         train_seconds = time.perf_counter() - start
         steps = summary["steps"]
     used = load_recipe(run_dir / "recipe.yaml").trainer.precision  # bf16 -> fp32 on a CPU without bf16
-    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if steps else []
+    logged = metric_rows(run_dir) if steps else []
     last_log = next((r for r in reversed(logged) if "loss" in r), {})  # e.g. SimSiam's collapse metric, SwAV's entropy
     result = knn_eval(
         run_dir,

@@ -18,12 +18,11 @@ Results are merged into bench/results/resume.json and the table bench/results/re
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
-from _common import CIFAR, ROOT, environment, markdown_table, merge_results
+from _common import CIFAR, ROOT, environment, markdown_table, merge_results, metric_rows
 from rich.console import Console
 
 from clcli.assemble import prepare_training
@@ -46,8 +45,7 @@ COLUMNS = [
 
 
 def losses(run: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r["loss"] for r in metric_rows(run) if "loss" in r]
 
 
 def max_diff(a: list[float], b: list[float]) -> float | None:

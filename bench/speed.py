@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from _common import CIFAR, ROOT, environment, markdown_table, merge_results
+from _common import CIFAR, ROOT, environment, markdown_table, merge_results, metric_rows
 from rich.console import Console
 
 from clcli.assemble import prepare_training
@@ -46,7 +46,7 @@ def measure(recipe_name: str, precision: str, args: argparse.Namespace) -> dict:
         used = stages.recipe.trainer.precision  # bf16 falls back to fp32 on a CPU without bf16 arithmetic
         device = stages.trainer.device.type
         stages.trainer.fit()
-        rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+        rows = metric_rows(tmp / "run")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     timed = [r for r in rows if "images_per_s" in r][-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 import pytest
@@ -166,8 +167,6 @@ def restore_determinism(monkeypatch):
 
 
 def test_deterministic_run_switches_pytorch_to_deterministic_kernels_and_resumes(tmp_path, restore_determinism):
-    import os
-
     torch.backends.cudnn.benchmark = True  # as a user's notebook might have left it
     plain = tiny_recipe("trainer.steps=4")
     pretrain(plain, tmp_path / "plain")
@@ -195,8 +194,6 @@ def test_deterministic_run_switches_pytorch_to_deterministic_kernels_and_resumes
 
 
 def test_a_users_cublas_setting_is_kept(tmp_path, restore_determinism, monkeypatch):
-    import os
-
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     prepare_training(tiny_recipe("trainer.deterministic=true"), tmp_path / "run")
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
