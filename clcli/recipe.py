@@ -127,6 +127,11 @@ class BackboneConfig(StrictModel):
 
     name: str = "resnet18"
     cifar_stem: bool = Field(True, description="ResNet: 3x3 stride-1 first conv and no max-pool (for 32 px)")
+    init: Literal["torchvision", "pytorch"] = Field(
+        "torchvision",
+        description="ResNet weights: torchvision (Kaiming-normal, fan-out, as the papers' code) or pytorch "
+        "(each layer's own default, as lightly's and many CIFAR ResNets)",
+    )
     in_channels: int = Field(3, ge=1)
     width: int = Field(64, ge=1, description="convnet: channels of the first block")
     image_size: int = Field(32, ge=1, description="vit: size the position embeddings are built for")

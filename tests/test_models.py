@@ -54,6 +54,29 @@ def test_resnet_loads_strictly_into_torchvision() -> None:
         assert torch.equal(ours(x), plain(x))
 
 
+@pytest.mark.parametrize("cifar_stem", [True, False])
+def test_resnet_init_sets_the_scale_of_every_convolution(cifar_stem: bool) -> None:
+    """torchvision: std sqrt(2 / fan-out) (Kaiming-normal); pytorch: std 1/sqrt(3 fan-in), |w| <= 1/sqrt(fan-in)."""
+    torch.manual_seed(0)
+    tv = resnet(18, cifar_stem=cifar_stem)
+    pt = build_backbone(BackboneConfig(name="resnet18", cifar_stem=cifar_stem, init="pytorch"))
+    assert list(tv.state_dict()) == list(pt.state_dict())  # the same model, only the draws differ
+    convs = [(n, m) for n, m in tv.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 20  # the first convolution, 16 in the blocks, 3 shortcuts
+    for name, conv in convs:
+        w_tv, w_pt = conv.weight, pt.get_submodule(name).weight
+        out_ch, in_ch, kh, kw = w_tv.shape
+        fan_in, fan_out = in_ch * kh * kw, out_ch * kh * kw
+        assert w_tv.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.2), name
+        assert w_pt.std().item() == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.2), name
+        assert w_pt.abs().max().item() <= fan_in**-0.5 + 1e-6, name
+    for m in pt.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
+    with pytest.raises(RecipeError, match="init"):
+        resnet(18, cifar_stem=True, init="xavier")
+
+
 def test_vit_shapes_and_tokens() -> None:
     model = _small_vit().eval()
     assert model.feature_dim == 48
