@@ -1,9 +1,11 @@
-"""The GPU check script's job handling, run with a stand-in Python that records each benchmark call."""
+"""Benchmark scripts: the GPU check's job handling (a stand-in Python records each call), the bars summary."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +74,56 @@ def test_gpu_check_skips_jobs_that_would_not_fit_the_deadline(tmp_path):
     calls = run_gpu_check(tmp_path, "simclr:0", DEADLINE="40")  # too short for a run and for the speed table
     assert calls == []
     assert "skip simclr-gpu seed 0 (time)" in (tmp_path / "out" / "main.log").read_text()
+
+
+def _row(method: str, seed: int, knn: float, when: str, overrides: tuple[str, ...] = (), epochs: float = 1) -> dict:
+    return {
+        "method": method,
+        "seed": seed,
+        "knn_top1": knn,
+        "when": when,
+        "overrides": list(overrides),
+        "epochs": epochs,
+    }
+
+
+def test_bars_pool_seeds_pair_them_with_the_untrained_seed_and_drop_rows_of_an_older_preset(tmp_path):
+    rows = [
+        _row("untrained", 0, 0.36, "2026-11-28T10:00:00+00:00"),
+        _row("untrained", 1, 0.34, "2026-12-05T10:00:00+00:00"),
+        _row("simsiam", 0, 0.38, "2026-11-28T12:00:00+00:00"),
+        _row("simsiam-h200", 0, 0.40, "2026-12-04T12:00:00+00:00"),  # the same seed on another device
+        _row("simsiam-gpu", 1, 0.35, "2026-12-05T12:00:00+00:00"),
+        _row("simsiam", 1, 0.99, "2026-12-05T13:00:00+00:00", ("optim.lr=9",)),  # other settings: not the preset
+        _row("swav", 0, 0.10, "2026-11-29T00:00:00+00:00"),  # before the preset's change: left out
+        _row("swav-noqueue", 0, 0.39, "2026-11-29T01:00:00+00:00", ("method.queue_length=0",)),
+        _row("swav", 1, 0.37, "2026-11-29T16:00:00+00:00"),
+        _row("cmc", 0, 0.44, "2026-11-29T13:00:00+00:00", epochs=4),
+        _row("untrained-pinit", 0, 0.33, "2026-12-05T10:00:00+00:00", ("model.backbone.init=pytorch",)),
+    ]
+    results = tmp_path / "quality.json"
+    results.write_text(json.dumps(rows))
+    out = tmp_path / "bars"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bars.py"), "--results", str(results), "--out", str(out)],
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    bars = {b["method"]: b for b in json.loads((out / "bars.json").read_text())}
+    simsiam = bars["simsiam"]
+    assert simsiam["runs_by_seed"] == {"0": [0.38, 0.40], "1": [0.35]}
+    assert simsiam["knn_by_seed"] == pytest.approx({"0": 0.39, "1": 0.35})
+    assert simsiam["knn_mean"] == pytest.approx(0.37)
+    assert simsiam["knn_sd"] == pytest.approx(statistics.stdev([0.39, 0.35]))
+    assert simsiam["paired_gain_mean"] == pytest.approx((0.03 + 0.01) / 2)  # each seed against its own untrained row
+    assert simsiam["mean_minus_reference"] == pytest.approx(0.37 - 0.383)
+    assert simsiam["seeds_at_reference"] == 1
+    swav = bars["swav"]
+    assert swav["knn_by_seed"] == pytest.approx({"0": 0.39, "1": 0.37})  # the older preset's 0.10 is not counted
+    assert bars["cmc-4x"]["knn_by_seed"] == pytest.approx({"0": 0.44})
+    assert bars["cmc"]["seeds"] == []  # the four-epoch row is not a one-epoch figure
+    table = (out / "bars.md").read_text()
+    assert "| simsiam | 4 | one epoch | s0 0.380/0.400 s1 0.350 | 0.370 |" in table
+    assert "- torchvision init (the presets): s0 0.360 s1 0.340; mean 0.350, sd 0.014" in table
+    assert "- pytorch init (lightly's): s0 0.330; mean 0.330\n" in table
