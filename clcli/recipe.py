@@ -129,8 +129,8 @@ class BackboneConfig(StrictModel):
     cifar_stem: bool = Field(True, description="ResNet: 3x3 stride-1 first conv and no max-pool (for 32 px)")
     init: Literal["torchvision", "pytorch"] = Field(
         "torchvision",
-        description="ResNet weights: torchvision (Kaiming-normal, fan-out, as the papers' code) or pytorch "
-        "(each layer's own default, as lightly's and many CIFAR ResNets)",
+        description="ResNet convolutions (CMC's and CPC's encoders too): torchvision (Kaiming-normal, fan-out, "
+        "as the papers' code) or pytorch (each layer's own default, as lightly's and many CIFAR ResNets)",
     )
     in_channels: int = Field(3, ge=1)
     width: int = Field(64, ge=1, description="convnet: channels of the first block")

@@ -77,6 +77,31 @@ def test_resnet_init_sets_the_scale_of_every_convolution(cifar_stem: bool) -> No
         resnet(18, cifar_stem=True, init="xavier")
 
 
+def test_cmc_and_cpc_encoders_follow_the_recipe_init() -> None:
+    """model.backbone.init reaches the encoders CMC and CPC build from resnet_variants, not only resnet()."""
+    from clcli.methods.cmc import view_encoder
+    from clcli.methods.cpc import build_patch_encoder
+    from clcli.recipe import load_recipe
+
+    def conv_stds(model: nn.Module) -> list[tuple[float, float, float]]:
+        out = []
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                o, i, kh, kw = m.weight.shape
+                out.append((m.weight.std().item(), (1 / (3 * i * kh * kw)) ** 0.5, (2 / (o * kh * kw)) ** 0.5))
+        return out
+
+    torch.manual_seed(0)
+    for init, pick in (("pytorch", 1), ("torchvision", 2)):
+        cmc_view = view_encoder(BackboneConfig(name="resnet18", init=init), 1, 0.5)
+        cpc = build_patch_encoder(load_recipe("cpc", [f"model.backbone.init={init}"]))
+        for model in (cmc_view, cpc):
+            stds = conv_stds(model)
+            assert len(stds) >= 10
+            for std, *expected in stds:
+                assert std == pytest.approx(expected[pick - 1], rel=0.25), (init, expected)
+
+
 def test_vit_shapes_and_tokens() -> None:
     model = _small_vit().eval()
     assert model.feature_dim == 48

@@ -100,6 +100,7 @@ def view_encoder(backbone: BackboneConfig, in_channels: int, width_factor: float
             width=max(1, round(64 * width_factor)),
             in_channels=in_channels,
             cifar_stem=backbone.cifar_stem,
+            init=backbone.init,
         )
     if name == "convnet":
         return ConvNet(width=max(1, round(backbone.width * width_factor)), in_channels=in_channels)

@@ -137,6 +137,7 @@ def build_patch_encoder(recipe: Recipe) -> PatchGridEncoder:
         in_channels=backbone.in_channels,
         cifar_stem=backbone.cifar_stem,
         norm=cfg.encoder_norm,
+        init=backbone.init,
     )
     group = _grid_group(recipe)
     return PatchGridEncoder(encoder, group.patch_size, group.patch_stride)

@@ -57,9 +57,11 @@ def resnet(depth: int, *, cifar_stem: bool, in_channels: int = 3, init: str = "t
     one included; ``pytorch`` resets every convolution to PyTorch's layer default (Kaiming-uniform
     with a = sqrt(5), a weight standard deviation of 1/sqrt(3 fan-in)), as ResNets written for CIFAR
     often leave it (lightly's benchmark ResNet among them).  Batch norm follows every convolution, so
-    the two give the same functions up to scale, but the pytorch weights are sqrt(6) times smaller
-    (a 3x3 convolution with as many inputs as outputs), so the same learning rate turns them about
-    six times faster.
+    only the weights' direction matters, but their size sets how far a learning rate turns them.  The
+    pytorch weights are smaller in every convolution but the first (sqrt(6) times where inputs and
+    outputs are as many, sqrt(3) where the channels double; the first, 3 channels in and 64 out, is
+    larger), and in ten SimSiam steps the same learning rate turned them about three times as far on
+    average (``bench/init_turn.py``).
     """
     if depth not in _RESNET_BUILDERS:
         raise RecipeError(f"resnet depth must be one of {sorted(_RESNET_BUILDERS)}, got {depth}")

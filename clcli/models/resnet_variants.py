@@ -15,7 +15,8 @@
   images and 8 px patches) or ``imagenet`` (7x7 stride-2 convolution and a 3x3 stride-2 max-pool).
 
 ``forward`` maps [B, C, H, W] to the globally average-pooled features [B, feature_dim].
-Initialisation is torchvision's: Kaiming-normal convolutions (fan-out), unit-scale norms.
+Initialisation is torchvision's (Kaiming-normal convolutions, fan-out; unit-scale norms), or with
+``init="pytorch"`` each convolution's PyTorch default, as :func:`clcli.models.backbones.resnet`.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ class ResNetEncoder(nn.Module):
         in_channels: int = 3,
         stem: Literal["cifar", "imagenet"] = "cifar",
         norm: NormKind = "bn",
+        init: Literal["torchvision", "pytorch"] = "torchvision",
     ) -> None:
         super().__init__()
+        if init not in ("torchvision", "pytorch"):
+            raise RecipeError(f"resnet init must be 'torchvision' or 'pytorch', got {init!r}")
         if not layers or any(n < 1 for n in layers):
             raise RecipeError(f"a ResNet needs at least one stage of at least one block, got {list(layers)}")
         if width < 1 or in_channels < 1:
@@ -110,7 +114,7 @@ class ResNetEncoder(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.feature_dim = inplanes
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and init == "torchvision":  # pytorch: as the layer built it
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
                 nn.init.ones_(m.weight)
@@ -129,6 +133,7 @@ def resnet_encoder(
     in_channels: int = 3,
     cifar_stem: bool = True,
     norm: NormKind = "bn",
+    init: Literal["torchvision", "pytorch"] = "torchvision",
 ) -> ResNetEncoder:
     """The first ``stages`` stacks of a standard ResNet-``depth`` (18, 34, 50, 101, 152) at ``width``."""
     if depth not in DEPTHS:
@@ -143,4 +148,5 @@ def resnet_encoder(
         in_channels=in_channels,
         stem="cifar" if cifar_stem else "imagenet",
         norm=norm,
+        init=init,
     )
