@@ -14,6 +14,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+# lightly's CIFAR-10 benchmark settings for SimSiam as clcli overrides (bench/gpu_jobs/simsiam-lightly.txt);
+# its initialisation is model.backbone.init=pytorch on top
+LIGHTLY_SIMSIAM = (
+    "optim.lr=0.06",
+    "optim.lr_scaling=none",
+    "optim.weight_decay=5e-4",
+    "optim.exclude_bias_norm=false",
+    "optim.warmup_epochs=0",
+    "optim.schedule=constant",
+    "method.view_passes=separate",
+    "views.groups.0.crop_scale=[0.08,1.0]",
+)
 
 
 def environment() -> dict[str, Any]:

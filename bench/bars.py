@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _common import LIGHTLY_SIMSIAM
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -126,16 +128,7 @@ METHODS: dict[str, Bar] = {
 # Not presets: the same bars for settings under test (bench/gpu_jobs/simsiam-lightly.txt), each paired
 # with the untrained backbone of its own initialisation.
 _PINIT = ("model.backbone.init=pytorch",)
-_LIGHTLY = (
-    "optim.lr=0.06",
-    "optim.lr_scaling=none",
-    "optim.weight_decay=5e-4",
-    "optim.exclude_bias_norm=false",
-    "optim.warmup_epochs=0",
-    "optim.schedule=constant",
-    "method.view_passes=separate",
-    "views.groups.0.crop_scale=[0.08,1.0]",
-)
+_LIGHTLY = LIGHTLY_SIMSIAM
 VARIANTS: dict[str, Bar] = {
     "simsiam, pytorch init": Bar(
         4,

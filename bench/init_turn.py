@@ -22,22 +22,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import CIFAR, ROOT, environment, markdown_table, merge_results
+from _common import CIFAR, LIGHTLY_SIMSIAM, ROOT, environment, markdown_table, merge_results
 from rich.console import Console
 
 from clcli.assemble import prepare_training
 from clcli.recipe import load_recipe
 
 RESULTS = ROOT / "bench" / "results"
-# lightly's CIFAR-10 benchmark settings for SimSiam, but the learning rate (bench/gpu_jobs/simsiam-lightly.txt)
-LIGHTLY = [
-    "optim.lr_scaling=none",
-    "optim.weight_decay=5e-4",
-    "optim.exclude_bias_norm=false",
-    "optim.warmup_epochs=0",
-    "optim.schedule=constant",
-    "method.view_passes=separate",
-]
+LIGHTLY = [o for o in LIGHTLY_SIMSIAM if not o.startswith("optim.lr=")]  # the lr is each run's own
 
 
 def conv_angles(before: dict[str, torch.Tensor], model: torch.nn.Module) -> list[float]:
