@@ -60,12 +60,14 @@ def _cifar_rows(name: str, since: str = "", overrides: tuple[str, ...] = ()) -> 
     return tuple(Rows(f"{name}{suffix}", overrides, since) for suffix in ("", "-h200", "-gpu"))
 
 
+_PINIT = ("model.backbone.init=pytorch",)
 UNTRAINED = _cifar_rows("untrained")
+UNTRAINED_PINIT = _cifar_rows("untrained-pinit", overrides=_PINIT)
 # the untrained ResNet-18 (CIFAR stem) by seed, as the presets build it and with PyTorch's layer
 # defaults (model.backbone.init=pytorch, as lightly's benchmark ResNet)
 BASELINES: dict[str, tuple[Rows, ...]] = {
     "torchvision init (the presets)": UNTRAINED,
-    "pytorch init (lightly's)": _cifar_rows("untrained-pinit", overrides=("model.backbone.init=pytorch",)),
+    "pytorch init (lightly's)": UNTRAINED_PINIT,
 }
 
 METHODS: dict[str, Bar] = {
@@ -127,13 +129,11 @@ METHODS: dict[str, Bar] = {
 
 # Not presets: the same bars for settings under test (bench/gpu_jobs/simsiam-lightly.txt), each paired
 # with the untrained backbone of its own initialisation.
-_PINIT = ("model.backbone.init=pytorch",)
-_LIGHTLY = LIGHTLY_SIMSIAM
 VARIANTS: dict[str, Bar] = {
     "simsiam, pytorch init": Bar(
         4,
         (Rows("simsiam-pi-gpu", _PINIT),),
-        BASELINES["pytorch init (lightly's)"],
+        UNTRAINED_PINIT,
         0.365,
         0.383,
         "lightly",
@@ -141,20 +141,20 @@ VARIANTS: dict[str, Bar] = {
     ),
     "simsiam, lightly's settings and init": Bar(
         4,
-        (Rows("simsiam-li-gpu", _LIGHTLY + _PINIT),),
-        BASELINES["pytorch init (lightly's)"],
+        (Rows("simsiam-li-gpu", LIGHTLY_SIMSIAM + _PINIT),),
+        UNTRAINED_PINIT,
         0.365,
         0.383,
         "lightly",
         "one epoch, not a preset",
     ),
     "simsiam, lightly's settings": Bar(
-        4, (Rows("simsiam-lb-gpu", _LIGHTLY),), UNTRAINED, 0.365, 0.383, "lightly", "one epoch, not a preset"
+        4, (Rows("simsiam-lb-gpu", LIGHTLY_SIMSIAM),), UNTRAINED, 0.365, 0.383, "lightly", "one epoch, not a preset"
     ),
     "swav, pytorch init": Bar(
         4,
         (Rows("swav-pi-gpu", _PINIT),),
-        BASELINES["pytorch init (lightly's)"],
+        UNTRAINED_PINIT,
         0.365,
         0.388,
         "lightly",
