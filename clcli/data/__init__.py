@@ -6,6 +6,7 @@ pulls in only torch and numpy; :mod:`datasets`, :mod:`torchvision.io` and scikit
 when a source that needs them is opened or decoded.
 """
 
-from clcli.data.sources import ImageSource, StreamSource, list_splits, open_source
+from clcli.data.base import ImageSource, StreamSource
+from clcli.data.sources import list_splits, open_source
 
 __all__ = ["ImageSource", "StreamSource", "list_splits", "open_source"]
