@@ -12,13 +12,17 @@ an existing local file or folder
     (:mod:`clcli.data.hub`), or a plug-in's scheme.  The registered factory is called as
     ``factory(spec, split, image_column=..., label_column=..., text_column=..., streaming=...)``.
 
-Anything else is a missing path.  Every source pickles cheaply, so it can be handed to ``DataLoader`` worker processes.
+Anything else is a missing path.  :func:`open_data` opens a spec with the columns and streaming
+choice of a recipe's ``data`` section, and :func:`limit_source` keeps the first records of a source.
+Every source pickles cheaply, so it can be handed to ``DataLoader`` worker processes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from clcli.data.base import ImageSource, MapStream, StreamSource
 from clcli.data.embedded import embedded_splits
@@ -37,7 +41,10 @@ from clcli.data.tables import (
 from clcli.errors import DataError
 from clcli.registry import SOURCES
 
-__all__ = ["list_splits", "open_source"]
+if TYPE_CHECKING:
+    from clcli.recipe import DataConfig
+
+__all__ = ["limit_source", "list_splits", "open_data", "open_source"]
 
 
 def _registered_scheme(spec: str) -> str | None:
@@ -98,6 +105,21 @@ def open_source(
     return MapStream(source) if streaming else source
 
 
+def open_data(spec: str, split: str, data: DataConfig, *, streaming: bool | None = None) -> ImageSource | StreamSource:
+    """:func:`open_source` with the columns and streaming choice of a recipe's ``data`` section.
+
+    ``streaming`` overrides ``data.streaming`` when given.
+    """
+    return open_source(
+        spec,
+        split,
+        image_column=data.image_column,
+        label_column=data.label_column,
+        text_column=data.text_column,
+        streaming=data.streaming if streaming is None else streaming,
+    )
+
+
 def list_splits(spec: str) -> list[str]:
     """The split names of ``spec``, best effort (for messages); ``[]`` when they cannot be found.
 
@@ -123,3 +145,38 @@ def list_splits(spec: str) -> list[str]:
         return sorted(splits) if splits is not None else ["train"]
     except (DataError, OSError):
         return []
+
+
+class _Limited(ImageSource):
+    """The first ``limit`` records of a source."""
+
+    def __init__(self, inner: ImageSource, limit: int) -> None:
+        self.inner = inner
+        self.limit = min(limit, len(inner))
+        self.spec, self.split, self.classes = inner.spec, inner.split, inner.classes
+
+    def __len__(self) -> int:
+        return self.limit
+
+    def load_image(self, i: int) -> torch.Tensor:
+        return self.inner.load_image(i)
+
+    def label(self, i: int) -> int:
+        return self.inner.label(i)
+
+    def labels(self) -> torch.Tensor | None:
+        labels = self.inner.labels()
+        return None if labels is None else labels[: self.limit]
+
+    def text(self, i: int) -> str | None:
+        return self.inner.text(i)
+
+    def describe(self, i: int) -> str:
+        return self.inner.describe(i)
+
+
+def limit_source(source: ImageSource, limit: int | None) -> ImageSource:
+    """The first ``limit`` records of ``source``; ``source`` itself when ``limit`` is ``None`` or >= its length."""
+    if limit is None or limit >= len(source):
+        return source
+    return _Limited(source, limit)

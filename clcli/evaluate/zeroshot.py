@@ -337,7 +337,7 @@ def zeroshot(
         source = ImageFiles(images)
         spec = str(images)
     else:
-        from clcli.assemble import limit_source, open_data
+        from clcli.data.sources import limit_source, open_data
         from clcli.recipe import DataConfig
 
         data_cfg = recipe.data if recipe is not None else DataConfig()
