@@ -8,6 +8,9 @@ folder has sub-folders named like splits (:data:`clcli.data.base.SPLIT_NAMES`: `
 folder names are the classes; for split folders, the union over all splits so labels agree between
 splits) and loose images beside class folders are ignored; a folder with no class sub-folders is
 unlabelled.  A ``.txt`` file with the same stem as an image is its caption.
+
+:class:`ImageFiles` is every image of a folder (recursively) or one image file, without labels, for
+classifying a collection of images (``clcli zeroshot --images``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from clcli.data.base import IMAGE_EXTENSIONS, SPLIT_NAMES, ImageSource, check_in
 from clcli.data.images import read_image_file
 from clcli.errors import DataError
 
-__all__ = ["FolderSource", "folder_splits", "subfolders", "walk_images"]
+__all__ = ["FolderSource", "ImageFiles", "folder_splits", "subfolders", "walk_images"]
 
 
 def _no_images(folder: Path | str) -> str:
@@ -156,3 +159,42 @@ class FolderSource(ImageSource):
 
     def describe(self, i: int) -> str:
         return self._paths[i]
+
+
+class ImageFiles(ImageSource):
+    """The images of one file or of a folder (recursively, sorted by path), without labels.
+
+    A folder is read with :func:`walk_images`; a file is taken as it is, whatever its extension.
+    The split is ``"images"``; there are no classes and no captions.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        root = Path(path).expanduser()
+        if root.is_file():
+            files = [str(root)]
+        elif root.is_dir():
+            files = [image for image, _caption in walk_images(root)]
+        else:
+            raise DataError(f"{root} does not exist")
+        if not files:
+            raise DataError(_no_images(root))
+        self.spec, self.split, self.classes = str(root), "images", None
+        self._files = files
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def load_image(self, i: int) -> torch.Tensor:
+        return read_image_file(self._files[i])
+
+    def label(self, i: int) -> int:
+        return -1
+
+    def labels(self) -> torch.Tensor | None:
+        return None
+
+    def text(self, i: int) -> str | None:
+        return None
+
+    def describe(self, i: int) -> str:
+        return self._files[i]
