@@ -21,7 +21,8 @@ from rich.console import Console
 from torch import nn
 
 from clcli import __version__
-from clcli.data import ImageSource, StreamSource, open_source
+from clcli.data import ImageSource, StreamSource
+from clcli.data.sources import limit_source, open_data
 from clcli.engine import checkpoint as ckpt
 from clcli.engine.determinism import determinism_state, enable_determinism
 from clcli.engine.loader import StreamViewsDataset, ViewsDataset
@@ -29,8 +30,8 @@ from clcli.engine.trainer import Trainer, make_plan, pick_device
 from clcli.errors import CheckpointError, ClcliError, DataError, RecipeError
 from clcli.methods.base import BuildContext, Method
 from clcli.precision import resolve_precision
-from clcli.recipe import BackboneConfig, DataConfig, Recipe, apply_overrides, validate_recipe
-from clcli.registry import BACKBONES, METHODS, SOURCES
+from clcli.recipe import BackboneConfig, Recipe, apply_overrides, validate_recipe
+from clcli.registry import BACKBONES, METHODS
 from clcli.views import ViewMaker
 
 # Settings that may differ between a run and its resumption (they do not change the maths of a step).
@@ -52,56 +53,6 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     """A fresh backbone from its recipe section (through the backbone registry)."""
     factory = BACKBONES.get(cfg.name)
     return factory(cfg)
-
-
-def open_data(spec: str, split: str, data: DataConfig, *, streaming: bool | None = None) -> ImageSource | StreamSource:
-    """Open a data source by spec: a registered scheme (``hf:``, ``embedded:``, plug-ins) or a local path."""
-    scheme = spec.split(":", 1)[0] if ":" in spec else ""
-    factory = open_source
-    if scheme and len(scheme) > 1 and scheme in SOURCES and not Path(spec).exists():
-        factory = SOURCES.get(scheme)
-    return factory(
-        spec,
-        split,
-        image_column=data.image_column,
-        label_column=data.label_column,
-        text_column=data.text_column,
-        streaming=data.streaming if streaming is None else streaming,
-    )
-
-
-class _Limited(ImageSource):
-    """The first ``limit`` records of a source."""
-
-    def __init__(self, inner: ImageSource, limit: int) -> None:
-        self.inner = inner
-        self.limit = min(limit, len(inner))
-        self.spec, self.split, self.classes = inner.spec, inner.split, inner.classes
-
-    def __len__(self) -> int:
-        return self.limit
-
-    def load_image(self, i: int) -> torch.Tensor:
-        return self.inner.load_image(i)
-
-    def label(self, i: int) -> int:
-        return self.inner.label(i)
-
-    def labels(self) -> torch.Tensor | None:
-        labels = self.inner.labels()
-        return None if labels is None else labels[: self.limit]
-
-    def text(self, i: int) -> str | None:
-        return self.inner.text(i)
-
-    def describe(self, i: int) -> str:
-        return self.inner.describe(i)
-
-
-def limit_source(source: ImageSource, limit: int | None) -> ImageSource:
-    if limit is None or limit >= len(source):
-        return source
-    return _Limited(source, limit)
 
 
 def _git_commit() -> str | None:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import build_method, limit_source, load_run, open_data, prepare_training, pretrain
+from clcli.assemble import build_method, load_run, prepare_training, pretrain
+from clcli.data.sources import limit_source, open_data
 from clcli.engine.trainer import make_plan
 from clcli.errors import RecipeError
 from clcli.export import export_run, load_backbone

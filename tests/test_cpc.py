@@ -313,7 +313,7 @@ def test_export_rebuilds_the_patch_grid_encoder_with_the_same_features(tmp_path)
 
 # ------------------------------------------------------------------------------- helpers
 def _digits(recipe):
-    from clcli.assemble import limit_source, open_data
+    from clcli.data.sources import limit_source, open_data
 
     return limit_source(open_data(recipe.data.source, recipe.data.train_split, recipe.data), recipe.data.limit)
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import clcli.methods.dino as dino_module
-from clcli.assemble import build_backbone, open_data, prepare_training, pretrain
+from clcli.assemble import build_backbone, prepare_training, pretrain
+from clcli.data.sources import open_data
 from clcli.engine.trainer import make_plan
 from clcli.errors import RecipeError
 from clcli.losses import dino_loss

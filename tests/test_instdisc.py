@@ -107,7 +107,7 @@ def test_nce_rejects_bad_input():
 # ------------------------------------------------------------------------- the method's step
 def build(recipe):
     plan = make_plan(recipe, recipe.data.limit)
-    from clcli.assemble import limit_source, open_data
+    from clcli.data.sources import limit_source, open_data
 
     source = limit_source(open_data(recipe.data.source, recipe.data.train_split, recipe.data), recipe.data.limit)
     return build_method(recipe, plan, source, torch.device("cpu")), source
@@ -342,7 +342,7 @@ def test_knn_over_the_bank_and_the_embedding_from_the_command_line(tmp_path):
     # the same vote computed here: the bank rows labelled by the training split, test images embedded
     _, method, _ = load_run(run)
     recipe = load_recipe("instdisc", TINY)
-    from clcli.assemble import limit_source, open_data
+    from clcli.data.sources import limit_source, open_data
     from clcli.evaluate.features import extract_features
 
     train = limit_source(open_data(recipe.data.source, "train", recipe.data), 128)

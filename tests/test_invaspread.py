@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import build_method, limit_source, open_data
+from clcli.assemble import build_method
+from clcli.data.sources import limit_source, open_data
 from clcli.engine.trainer import make_plan
 from clcli.errors import RecipeError
 from clcli.losses import invaspread_loss, nt_xent

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import build_method, limit_source, make_plan, open_data, prepare_training, pretrain
+from clcli.assemble import build_method, make_plan, prepare_training, pretrain
+from clcli.data.sources import limit_source, open_data
 from clcli.errors import RecipeError
 from clcli.losses import simsiam_loss
 from clcli.methods.base import Batch

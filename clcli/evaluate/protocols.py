@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from clcli.assemble import limit_source, load_run, open_data
+from clcli.assemble import load_run
 from clcli.data import ImageSource
+from clcli.data.sources import limit_source, open_data
 from clcli.errors import ClcliError, DataError
 from clcli.evaluate.features import FeatureSet, extract_features
 from clcli.evaluate.knn import knn_accuracy

@@ -27,7 +27,6 @@ and no label dominates; on a handful of images, or images of one class, leave it
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from clcli.data import ImageSource
-from clcli.data.images import read_image_file
+from clcli.data.folders import ImageFiles
 from clcli.errors import BadImageError, CheckpointError, ClcliError, DataError
 from clcli.precision import use_bf16
 from clcli.text.templates import fill, load_templates
@@ -53,8 +52,6 @@ __all__ = [
     "zeroshot_classifier",
     "zeroshot_scores",
 ]
-
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -88,49 +85,6 @@ def read_labels(labels: str | list[str] | None = None, labels_file: str | Path |
             raise ClcliError(f"label {label!r} is given twice")
         seen.add(label.lower())
     return out
-
-
-class ImageFiles(ImageSource):
-    """The images of one file or of a folder (recursively, sorted by path), without labels."""
-
-    def __init__(self, path: str | Path) -> None:
-        root = Path(path).expanduser()
-        if root.is_file():
-            files = [root]
-        elif root.is_dir():
-            files = sorted(
-                (
-                    Path(d) / f
-                    for d, dirs, names in os.walk(root)
-                    for f in names
-                    if not f.startswith(".") and f.lower().endswith(_IMAGE_EXTENSIONS)
-                ),
-                key=lambda p: p.relative_to(root).as_posix(),
-            )
-        else:
-            raise DataError(f"{root} does not exist")
-        if not files:
-            raise DataError(f"{root} has no images (looked for {', '.join(_IMAGE_EXTENSIONS)})")
-        self.spec, self.split, self.classes = str(root), "images", None
-        self._files = [str(f) for f in files]
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def load_image(self, i: int) -> torch.Tensor:
-        return read_image_file(self._files[i])
-
-    def label(self, i: int) -> int:
-        return -1
-
-    def labels(self) -> torch.Tensor | None:
-        return None
-
-    def text(self, i: int) -> str | None:
-        return None
-
-    def describe(self, i: int) -> str:
-        return self._files[i]
 
 
 @dataclass
@@ -337,7 +291,7 @@ def zeroshot(
         source = ImageFiles(images)
         spec = str(images)
     else:
-        from clcli.assemble import limit_source, open_data
+        from clcli.data.sources import limit_source, open_data
         from clcli.recipe import DataConfig
 
         data_cfg = recipe.data if recipe is not None else DataConfig()
