@@ -60,8 +60,8 @@ def resnet(depth: int, *, cifar_stem: bool, in_channels: int = 3, init: str = "t
     only the weights' direction matters, but their size sets how far a learning rate turns them.  The
     pytorch weights are smaller in every convolution but the first (sqrt(6) times where inputs and
     outputs are as many, sqrt(3) where the channels double; the first, 3 channels in and 64 out, is
-    larger), and in ten SimSiam steps the same learning rate turned them about three times as far on
-    average (``bench/init_turn.py``).
+    larger), so the same learning rate turns them further: settings tuned for one initialisation are
+    not the same training with the other.
     """
     if depth not in _RESNET_BUILDERS:
         raise RecipeError(f"resnet depth must be one of {sorted(_RESNET_BUILDERS)}, got {depth}")

@@ -10,9 +10,9 @@ batch 128, bf16), then classifies test images from label text with the 18 CIFAR-
   and their harmonic mean, both plain and with each label's scores standardised over the test
   set (``--calibrate zscore``).
 
-    python bench/lit_heldout.py --held cat,truck
+    PYTHONPATH=bench python bench/notes/lit_heldout.py --held cat,truck
 
-Results are merged into bench/results/lit_heldout.json.
+Results are merged into bench/notes/results/lit_heldout.json.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from clcli.evaluate.zeroshot import zeroshot
 from clcli.recipe import load_recipe
 
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-RESULTS = ROOT / "bench" / "results"
+RESULTS = ROOT / "bench" / "notes" / "results"
 
 
 def main() -> None:
