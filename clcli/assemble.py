@@ -28,8 +28,8 @@ from clcli.engine.loader import StreamViewsDataset, ViewsDataset
 from clcli.engine.trainer import Trainer, make_plan, pick_device
 from clcli.errors import CheckpointError, ClcliError, DataError, RecipeError
 from clcli.methods.base import BuildContext, Method
-from clcli.precision import resolve_precision
-from clcli.recipe import BackboneConfig, DataConfig, Recipe, apply_overrides, validate_recipe
+from clcli.precision import resolve_precision, with_precision
+from clcli.recipe import BackboneConfig, DataConfig, Recipe, validate_recipe
 from clcli.registry import BACKBONES, METHODS, SOURCES
 from clcli.views import ViewMaker
 
@@ -208,7 +208,7 @@ def prepare_training(
     precision, why = resolve_precision(recipe.trainer.precision, device)
     if why is not None:
         console.print(f"[yellow]note:[/] {why}")
-        recipe = validate_recipe(apply_overrides(recipe.to_dict(), [f"trainer.precision={precision}"]))
+        recipe = with_precision(recipe, precision)
     if existing is not None:
         saved = json.loads((existing / ckpt.STATE_FILE).read_text())["recipe"]
         check_resumable(saved, recipe)

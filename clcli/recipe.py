@@ -185,6 +185,9 @@ class OptimConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------ trainer
+Precision = Literal["fp32", "bf16"]
+
+
 class TrainerConfig(StrictModel):
     """The training loop.
 
@@ -200,7 +203,7 @@ class TrainerConfig(StrictModel):
     reference_epochs: float | None = Field(None, gt=0)
     batch_size: int = Field(256, ge=2)
     accumulate: int = Field(1, ge=1, description="gradient accumulation; adds no negatives to in-batch losses")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     channels_last: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, ge=1)
