@@ -29,7 +29,7 @@ from clcli.errors import CheckpointError, TrainingError
 from clcli.methods.base import Batch, Method
 from clcli.recipe import Recipe
 from clcli.schedules import CosineSchedule, LRSchedule
-from clcli.views import normalize_batch
+from clcli.views import declared_view_names, normalize_batch
 
 
 @dataclass
@@ -205,7 +205,7 @@ class Trainer:
             )
             for v in cb.views
         ]
-        names = [g.name for g in r.views.groups for _ in range(g.count)]
+        names = declared_view_names(r.views.groups)
         return Batch(views, names, cb.index.to(self.device), cb.label.to(self.device), cb.text)
 
     def _log(self, record: dict[str, Any]) -> None:
