@@ -25,12 +25,13 @@ from clcli.data import ImageSource, StreamSource, open_source
 from clcli.engine import checkpoint as ckpt
 from clcli.engine.determinism import determinism_state, enable_determinism
 from clcli.engine.loader import StreamViewsDataset, ViewsDataset
-from clcli.engine.trainer import Trainer, make_plan, pick_device
+from clcli.engine.trainer import Trainer, pick_device
 from clcli.errors import CheckpointError, ClcliError, DataError, RecipeError
 from clcli.methods.base import BuildContext, Method
 from clcli.precision import resolve_precision, with_precision
 from clcli.recipe import BackboneConfig, DataConfig, Recipe, validate_recipe
 from clcli.registry import BACKBONES, METHODS, SOURCES
+from clcli.schedules import make_plan
 from clcli.views import ViewMaker
 
 # Settings that may differ between a run and its resumption (they do not change the maths of a step).

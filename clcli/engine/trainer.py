@@ -8,7 +8,6 @@ schedules computed from the global step, checkpoints, exact resume, progress and
 from __future__ import annotations
 
 import json
-import math
 import signal
 import threading
 import time
@@ -24,26 +23,12 @@ from rich.table import Table
 
 from clcli.engine import checkpoint as ckpt
 from clcli.engine.loader import CollatedBatch, ViewsDataset, epoch_loader, sample_seed, stream_loader
-from clcli.engine.optim import build_optimizer, scaled_lr
+from clcli.engine.optim import build_optimizer
 from clcli.errors import CheckpointError, TrainingError
 from clcli.methods.base import Batch, Method
 from clcli.recipe import Recipe
-from clcli.schedules import CosineSchedule, LRSchedule
+from clcli.schedules import RunPlan
 from clcli.views import declared_view_names, normalize_batch
-
-
-@dataclass
-class RunPlan:
-    """The resolved length of a run and the schedules derived from it."""
-
-    steps_per_epoch: int
-    total_steps: int
-    batches_per_epoch: int
-    peak_lr: float
-    lr: LRSchedule
-    weight_decay: CosineSchedule | None
-    epochs_to_steps: Callable[[float], int]
-    dataset_size: int | None
 
 
 @dataclass
@@ -371,45 +356,3 @@ class Trainer:
         self.console.print(
             f"epoch {self.state.epoch}: online kNN " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
         )
-
-
-def make_plan(recipe: Recipe, dataset_size: int | None) -> RunPlan:
-    """Resolve the run's length and schedules against the dataset size."""
-    t, o = recipe.trainer, recipe.optim
-    micro = t.batch_size
-    if dataset_size is not None:
-        batches = dataset_size // micro
-        if batches < t.accumulate:
-            raise TrainingError(
-                f"the training set has {dataset_size} images, fewer than one step of "
-                f"{t.batch_size} x {t.accumulate}; lower trainer.batch_size"
-            )
-        steps_per_epoch = batches // t.accumulate
-        batches_per_epoch = steps_per_epoch * t.accumulate
-        total = t.steps if t.steps is not None else max(1, int(math.floor(t.epochs * steps_per_epoch + 0.5)))
-    else:
-        if t.steps is None:
-            raise TrainingError("a streaming source has no length: set trainer.steps")
-        steps_per_epoch = t.steps
-        batches_per_epoch = t.steps * t.accumulate
-        total = t.steps
-    run_epochs = total / steps_per_epoch
-
-    def to_steps(epochs: float) -> int:
-        from clcli.recipe import steps_for_epochs
-
-        return steps_for_epochs(epochs, steps_per_epoch, run_epochs, t.reference_epochs)
-
-    peak = scaled_lr(o, t.batch_size * t.accumulate)
-    lr = LRSchedule(
-        peak=peak,
-        total_steps=total,
-        warmup_steps=min(to_steps(o.warmup_epochs), total),
-        warmup_start_ratio=o.warmup_start_ratio,
-        kind=o.schedule,
-        final_ratio=o.final_lr_ratio,
-        milestones=tuple(to_steps(m) for m in o.milestones),
-        gamma=o.gamma,
-    )
-    wd = CosineSchedule(o.weight_decay, o.weight_decay_end, total) if o.weight_decay_end is not None else None
-    return RunPlan(steps_per_epoch, total, batches_per_epoch, peak, lr, wd, to_steps, dataset_size)
