@@ -26,12 +26,13 @@ from clcli.data.sources import limit_source, open_data
 from clcli.engine import checkpoint as ckpt
 from clcli.engine.determinism import determinism_state, enable_determinism
 from clcli.engine.loader import StreamViewsDataset, ViewsDataset
-from clcli.engine.trainer import Trainer, make_plan, pick_device
+from clcli.engine.trainer import Trainer, pick_device
 from clcli.errors import CheckpointError, ClcliError, DataError, RecipeError
 from clcli.methods.base import BuildContext, Method
-from clcli.precision import resolve_precision
-from clcli.recipe import BackboneConfig, Recipe, apply_overrides, validate_recipe
+from clcli.precision import resolve_precision, with_precision
+from clcli.recipe import BackboneConfig, Recipe, validate_recipe
 from clcli.registry import BACKBONES, METHODS
+from clcli.schedules import make_plan
 from clcli.views import ViewMaker
 
 # Settings that may differ between a run and its resumption (they do not change the maths of a step).
@@ -159,7 +160,7 @@ def prepare_training(
     precision, why = resolve_precision(recipe.trainer.precision, device)
     if why is not None:
         console.print(f"[yellow]note:[/] {why}")
-        recipe = validate_recipe(apply_overrides(recipe.to_dict(), [f"trainer.precision={precision}"]))
+        recipe = with_precision(recipe, precision)
     if existing is not None:
         saved = json.loads((existing / ckpt.STATE_FILE).read_text())["recipe"]
         check_resumable(saved, recipe)

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from clcli.recipe import Precision, Recipe
+
 
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_is_fast() -> bool:
@@ -41,7 +43,7 @@ def cpu_bf16_is_fast() -> bool:
     return best(torch.bfloat16) <= 2.0 * best(torch.float32)
 
 
-def resolve_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
+def resolve_precision(requested: Precision, device: torch.device) -> tuple[Precision, str | None]:
     """The precision to use for ``requested`` on ``device``, and why it differs (None if it does not)."""
     if requested == "bf16" and device.type == "cpu" and not cpu_bf16_is_fast():
         return "fp32", (
@@ -49,6 +51,17 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str | 
             "so trainer.precision bf16 falls back to fp32 here"
         )
     return requested, None
+
+
+def with_precision(recipe: Recipe, precision: Precision) -> Recipe:
+    """A copy of ``recipe`` whose ``trainer.precision`` is ``precision``; ``recipe`` itself is unchanged.
+
+    The copy is deep (no section is shared with ``recipe``) and the new value is validated on
+    assignment like any recipe field, so an unknown precision is a :class:`pydantic.ValidationError`.
+    """
+    changed = recipe.model_copy(deep=True)
+    changed.trainer.precision = precision
+    return changed
 
 
 def use_bf16(requested: str, device: torch.device) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -185,6 +184,9 @@ class OptimConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------ trainer
+Precision = Literal["fp32", "bf16"]
+
+
 class TrainerConfig(StrictModel):
     """The training loop.
 
@@ -200,7 +202,7 @@ class TrainerConfig(StrictModel):
     reference_epochs: float | None = Field(None, gt=0)
     batch_size: int = Field(256, ge=2)
     accumulate: int = Field(1, ge=1, description="gradient accumulation; adds no negatives to in-batch losses")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     channels_last: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, ge=1)
@@ -405,15 +407,3 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     """Read, override and validate a recipe."""
     raw = read_recipe_file(name_or_path)
     return validate_recipe(apply_overrides(raw, overrides or []))
-
-
-def steps_for_epochs(epochs: float, steps_per_epoch: int, run_epochs: float, reference_epochs: float | None) -> int:
-    """Resolve an epoch-given schedule point to optimiser steps.
-
-    When the run is shorter than the schedule's reference length the point keeps its fraction of
-    the run; otherwise it is taken as it is.
-    """
-    scale = 1.0
-    if reference_epochs is not None and run_epochs < reference_epochs:
-        scale = run_epochs / reference_epochs
-    return int(math.floor(epochs * scale * steps_per_epoch + 0.5))

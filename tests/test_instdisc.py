@@ -17,13 +17,13 @@ from clcli.assemble import build_method, load_run, prepare_training, pretrain
 from clcli.cli import app
 from clcli.data import StreamSource
 from clcli.engine import checkpoint as ckpt
-from clcli.engine.trainer import make_plan
 from clcli.errors import DataError, RecipeError
 from clcli.evaluate.knn import knn_accuracy
 from clcli.losses import instdisc_nce, instdisc_nce_normaliser, instdisc_softmax
 from clcli.methods.base import Batch
 from clcli.recipe import load_recipe
 from clcli.registry import SOURCES
+from clcli.schedules import make_plan
 
 from .helpers import losses
 

@@ -12,11 +12,11 @@ import torch
 
 from clcli.assemble import build_method
 from clcli.data.sources import limit_source, open_data
-from clcli.engine.trainer import make_plan
 from clcli.errors import RecipeError
 from clcli.losses import invaspread_loss, nt_xent
 from clcli.methods.base import Batch
 from clcli.recipe import load_recipe
+from clcli.schedules import make_plan
 
 TINY = [
     "model.backbone.name=convnet",

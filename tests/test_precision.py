@@ -6,11 +6,12 @@ import io
 
 import pytest
 import torch
+from pydantic import ValidationError
 from rich.console import Console
 
 from clcli import precision
 from clcli.assemble import prepare_training, pretrain
-from clcli.recipe import load_recipe
+from clcli.recipe import apply_overrides, load_recipe, validate_recipe
 
 from .helpers import losses, tiny_recipe
 
@@ -68,3 +69,16 @@ def test_where_bf16_is_fast_the_recipe_keeps_it(tmp_path, monkeypatch):
     stages = prepare_training(tiny_recipe("trainer.steps=1", "trainer.precision=bf16"), tmp_path / "run")
     assert stages.recipe.trainer.precision == "bf16"
     assert load_recipe(tmp_path / "run" / "recipe.yaml").trainer.precision == "bf16"
+
+
+def test_with_precision_returns_a_validated_copy_and_leaves_the_recipe_alone():
+    recipe = tiny_recipe("trainer.precision=bf16")
+    changed = precision.with_precision(recipe, "fp32")
+    assert changed.trainer.precision == "fp32" and recipe.trainer.precision == "bf16"
+    assert changed.trainer is not recipe.trainer and changed.method is not recipe.method
+    assert type(changed.method) is type(recipe.method)  # the method's own config class survives
+    # the same recipe as an override of the dumped recipe would give, digest included
+    overridden = validate_recipe(apply_overrides(recipe.to_dict(), ["trainer.precision=fp32"]))
+    assert changed.to_dict() == overridden.to_dict() and changed.digest() == overridden.digest()
+    with pytest.raises(ValidationError):
+        precision.with_precision(recipe, "fp16")  # type: ignore[arg-type]

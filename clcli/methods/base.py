@@ -9,7 +9,6 @@ re-normalisation) in :meth:`Method.after_step`.  Nothing about a particular meth
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -19,6 +18,7 @@ from torch import nn
 
 from clcli.errors import CheckpointError
 from clcli.recipe import MethodConfig, Recipe, validate_recipe
+from clcli.schedules import steps_for_epochs
 
 
 @dataclass
@@ -86,9 +86,10 @@ class BuildContext:
         For the papers' early-training safeguards (SwAV's prototype freeze and queue start, DINO's
         last-layer freeze and teacher-temperature warm-up): they protect the network's first steps, so unlike
         :attr:`epochs_to_steps` they are not shrunk when the run is shorter than the recipe's
-        ``trainer.reference_epochs``.  Not capped at the run's length.
+        ``trainer.reference_epochs``.  Not capped at the run's length.  The rounding is the run
+        plan's (:func:`clcli.schedules.steps_for_epochs`, without a reference length).
         """
-        return int(math.floor(epochs * self.steps_per_epoch + 0.5))
+        return steps_for_epochs(epochs, self.steps_per_epoch)
 
 
 class Method(nn.Module):
