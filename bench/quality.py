@@ -21,9 +21,10 @@ from pathlib import Path
 from _common import CIFAR, ROOT, environment, markdown_table, merge_results, metric_rows
 from rich.console import Console
 
-from clcli.assemble import prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.evaluate.protocols import knn_eval
 from clcli.recipe import load_recipe
+from clcli.train import pretrain
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -9,8 +9,9 @@ import torch
 from rich.console import Console
 
 from clcli import precision
-from clcli.assemble import prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.recipe import load_recipe
+from clcli.train import pretrain
 
 from .helpers import losses, tiny_recipe
 

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import build_method, limit_source, make_plan, open_data, prepare_training, pretrain
+from clcli.assemble import build_method, limit_source, make_plan, open_data, prepare_training
 from clcli.errors import RecipeError
 from clcli.losses import simsiam_loss
 from clcli.methods.base import Batch
 from clcli.methods.simsiam import normalized_output_std
 from clcli.recipe import load_recipe
+from clcli.train import pretrain
 from clcli.views import ViewMaker, normalize_batch
 
 from .helpers import losses, metric_rows
