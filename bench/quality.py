@@ -33,9 +33,10 @@ from _common import (
 )
 from rich.console import Console
 
-from clcli.assemble import prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.evaluate.protocols import knn_eval
 from clcli.recipe import load_recipe
+from clcli.train import pretrain
 
 RESULTS = ROOT / "bench" / "results"
 

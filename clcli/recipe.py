@@ -221,7 +221,9 @@ class EvalConfig(StrictModel):
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.1, gt=0)
     features: Literal["backbone", "embedding", "bank"] = Field(
-        "backbone", description="bank: kNN only, the method's memory bank as the reference set (InstDisc)"
+        "backbone",
+        description="bank: kNN only, the method's memory bank as the reference set; only for a method that "
+        "declares bank features (InstDisc)",
     )
     batch_size: int = Field(256, ge=1)
     linear_l2: list[float] = Field(default_factory=lambda: [10.0**e for e in range(-6, 1)])
@@ -296,10 +298,11 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], prefix
     return "\n".join(lines)
 
 
-def _method_config_class(name: str) -> type[MethodConfig]:
+def _method_class(name: str) -> Any:
+    """The method class registered as ``name`` (its ``config_class`` validates the method section)."""
     from clcli.registry import METHODS
 
-    return METHODS.get(name).config_class
+    return METHODS.get(name)
 
 
 def validate_recipe(raw: dict[str, Any]) -> Recipe:
@@ -310,15 +313,17 @@ def validate_recipe(raw: dict[str, Any]) -> Recipe:
     method_raw = raw.pop("method", {}) or {}
     problems: list[str] = []
     method_cfg: MethodConfig | None = None
+    method_cls: Any = None
     if not isinstance(method_raw, dict):
         problems.append("  method: should be a mapping with at least 'name'")
     else:
         name = method_raw.get("name", MethodConfig().name)
         try:
-            cls = _method_config_class(str(name))
+            method_cls = _method_class(str(name))
         except RecipeError as exc:
             problems.append(f"  method.name: {exc}")
         else:
+            cls = method_cls.config_class
             try:
                 method_cfg = cls.model_validate(method_raw)
             except ValidationError as exc:
@@ -328,6 +333,12 @@ def validate_recipe(raw: dict[str, Any]) -> Recipe:
     except ValidationError as exc:
         problems.append(format_validation_error(exc, Recipe))
         recipe = None
+    bank = recipe is not None and recipe.eval.features == "bank"
+    if bank and method_cls is not None and not method_cls.has_bank_features:
+        problems.append(
+            f"  eval.features: bank needs a method with a memory bank (instdisc); {name} has none "
+            "(use backbone or embedding)"
+        )
     if problems:
         raise RecipeError("invalid recipe:\n" + "\n".join(problems))
     assert recipe is not None and method_cfg is not None

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.errors import RecipeError
 from clcli.losses import byol_loss
 from clcli.methods.base import Batch
 from clcli.methods.momentum import momentum_schedule
 from clcli.recipe import load_recipe
+from clcli.train import pretrain
 
 from .helpers import losses
 

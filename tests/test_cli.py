@@ -98,7 +98,7 @@ def test_export_loads_into_clcli_and_torchvision(tmp_path):
     assert json.loads(res.output)["feature_dim"] == 512
 
     import clcli
-    from clcli.assemble import load_run
+    from clcli.runs import load_run
 
     encoder = clcli.load_backbone(out)
     assert encoder.feature_dim == 512 and encoder.input_size == 16

@@ -11,14 +11,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clcli.assemble import load_run, prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.cli import app
 from clcli.errors import ClcliError, DataError
 from clcli.evaluate.zeroshot import read_labels, zeroshot, zeroshot_classifier
 from clcli.losses import clip_contrastive
 from clcli.models.text import TextTransformer
 from clcli.recipe import load_recipe
+from clcli.runs import load_run
 from clcli.text import CIFAR10_TEMPLATES, IMAGENET_TEMPLATES, CaptionTokenizer, load_templates
+from clcli.train import pretrain
 
 from .conftest import write_image
 from .helpers import CIFAR, losses

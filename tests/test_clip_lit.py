@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from clcli.assemble import load_run, pretrain
 from clcli.engine import checkpoint as ckpt
 from clcli.errors import ClcliError
 from clcli.evaluate.zeroshot import zeroshot
 from clcli.recipe import load_recipe
+from clcli.runs import load_run
+from clcli.train import pretrain
 
 from .helpers import CIFAR
 

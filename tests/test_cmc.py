@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import build_method, load_run, prepare_training, pretrain
+from clcli.assemble import build_method, prepare_training
 from clcli.data.sources import limit_source, open_data
 from clcli.errors import RecipeError
 from clcli.export import export_run, load_backbone
 from clcli.losses import cmc_softmax, instdisc_nce
 from clcli.methods.base import Batch
 from clcli.recipe import load_recipe
+from clcli.runs import load_run
 from clcli.schedules import make_plan
+from clcli.train import pretrain
 from clcli.views.color import LAB_RANGE, normalize_lab, rgb_to_lab
 from clcli.views.pipelines import eval_pipeline
 

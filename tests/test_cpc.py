@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import build_method, load_run, prepare_training, pretrain
+from clcli.assemble import build_method, prepare_training
 from clcli.errors import RecipeError
 from clcli.export import export_run, load_backbone
 from clcli.losses import cpc_infonce
 from clcli.methods.base import Batch
 from clcli.methods.cpc import ContextNetwork, MaskedConv2d, orient
 from clcli.recipe import load_recipe
+from clcli.runs import load_run
 from clcli.schedules import make_plan
+from clcli.train import pretrain
 from clcli.views.patches import CPCPatches, grid_positions, grid_size, patch_grid
 
 from .helpers import losses

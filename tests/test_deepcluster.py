@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import load_run, prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.errors import RecipeError, TrainingError
 from clcli.losses import deepcluster_loss
 from clcli.methods.base import Batch
 from clcli.methods.clustering import kmeans, normalized_mutual_info, pca_whitening
 from clcli.methods.deepcluster import SobelFilter, uniform_cluster_order
 from clcli.recipe import load_recipe
+from clcli.runs import load_run
+from clcli.train import pretrain
 from clcli.views import ViewMaker, normalize_batch
 
 from .helpers import losses, metric_rows

@@ -10,14 +10,16 @@ import pytest
 import torch
 
 import clcli.methods.dino as dino_module
-from clcli.assemble import build_backbone, prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.data.sources import open_data
 from clcli.errors import RecipeError
 from clcli.losses import dino_loss
 from clcli.methods.base import Batch, BuildContext
 from clcli.methods.dino import DINO
+from clcli.models import build_backbone
 from clcli.recipe import load_recipe
 from clcli.schedules import make_plan
+from clcli.train import pretrain
 from clcli.views.pipelines import eval_pipeline, normalize_batch
 
 from .helpers import CIFAR, losses, metric_rows

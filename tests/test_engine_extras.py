@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from clcli.assemble import pretrain
 from clcli.engine.optim import LARS, build_optimizer, optimizer_groups
 from clcli.errors import BadImageError, TrainingError
 from clcli.methods.base import ParamGroup
 from clcli.recipe import OptimConfig
+from clcli.train import pretrain
 
 from .conftest import write_image
 from .helpers import tiny_recipe

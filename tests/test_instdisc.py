@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from clcli.assemble import build_method, load_run, prepare_training, pretrain
+from clcli.assemble import build_method, prepare_training
 from clcli.cli import app
 from clcli.data import StreamSource
 from clcli.engine import checkpoint as ckpt
@@ -23,7 +23,9 @@ from clcli.losses import instdisc_nce, instdisc_nce_normaliser, instdisc_softmax
 from clcli.methods.base import Batch
 from clcli.recipe import load_recipe
 from clcli.registry import SOURCES
+from clcli.runs import load_run
 from clcli.schedules import make_plan
+from clcli.train import pretrain
 
 from .helpers import losses
 

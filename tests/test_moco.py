@@ -18,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-from clcli.assemble import prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.errors import ClcliError
 from clcli.losses import moco_infonce, mocov3_loss
 from clcli.methods.base import Batch
@@ -27,6 +27,7 @@ from clcli.methods.moco import MoCo, SplitBatchNorm, grouped_shuffle
 from clcli.methods.mocov3 import MoCoV3
 from clcli.methods.momentum import momentum_schedule
 from clcli.recipe import load_recipe
+from clcli.train import pretrain
 
 from .helpers import TINY, losses
 

@@ -10,8 +10,9 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from clcli import precision
-from clcli.assemble import prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.recipe import apply_overrides, load_recipe, validate_recipe
+from clcli.train import pretrain
 
 from .helpers import losses, tiny_recipe
 

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import build_method, make_plan, prepare_training, pretrain
+from clcli.assemble import build_method, prepare_training
 from clcli.data.sources import limit_source, open_data
 from clcli.errors import RecipeError
 from clcli.losses import simsiam_loss
 from clcli.methods.base import Batch
 from clcli.methods.simsiam import normalized_output_std
 from clcli.recipe import load_recipe
+from clcli.schedules import make_plan
+from clcli.train import pretrain
 from clcli.views import ViewMaker, normalize_batch
 
 from .helpers import losses, metric_rows

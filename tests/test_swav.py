@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 
 import clcli.methods.swav as swav_module
-from clcli.assemble import build_backbone, prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.errors import RecipeError
 from clcli.losses import sinkhorn, swav_loss
 from clcli.methods.base import Batch, BuildContext
 from clcli.methods.swav import SwAV
+from clcli.models import build_backbone
 from clcli.recipe import load_recipe
+from clcli.train import pretrain
 
 from .helpers import losses, metric_rows
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from clcli import precision
-from clcli.assemble import load_run, prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.engine import checkpoint as ckpt
 from clcli.errors import ClcliError, TrainingError
 from clcli.methods.base import StepOutput
+from clcli.runs import load_run
+from clcli.train import pretrain
 
 from .helpers import losses, tiny_recipe
 

@@ -29,9 +29,9 @@ import pyarrow.parquet as pq
 from _common import CIFAR, ROOT, environment, merge_results
 from rich.console import Console
 
-from clcli.assemble import pretrain
 from clcli.evaluate.zeroshot import zeroshot
 from clcli.recipe import load_recipe
+from clcli.train import pretrain
 
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 RESULTS = ROOT / "bench" / "notes" / "results"

@@ -42,14 +42,6 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise TrainingError("trainer.device is 'cuda' but no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 class _StopFlag:
     """First Ctrl-C asks the loop to save and stop after the current step; a second one aborts."""
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from clcli.errors import RecipeError
 from clcli.recipe import BackboneConfig
+from clcli.registry import BACKBONES
 
 __all__ = [
     "BUILTIN_BACKBONES",
@@ -289,10 +290,14 @@ BUILTIN_BACKBONES: dict[str, Callable[[BackboneConfig], nn.Module]] = {
 
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
-    """Build the backbone named by ``cfg.name``; an unknown name is a :class:`RecipeError`."""
-    try:
-        builder = BUILTIN_BACKBONES[cfg.name]
-    except KeyError:
-        allowed = ", ".join(sorted(BUILTIN_BACKBONES))
-        raise RecipeError(f"model.backbone.name: unknown backbone {cfg.name!r}; allowed: {allowed}") from None
+    """A fresh backbone named by ``cfg.name``: a built-in, or one a plug-in registered in :data:`BACKBONES`.
+
+    An unknown name is a :class:`RecipeError` that lists the names available.
+    """
+    builder = BUILTIN_BACKBONES.get(cfg.name)
+    if builder is None:
+        if cfg.name not in BACKBONES:
+            allowed = ", ".join(BACKBONES.names())
+            raise RecipeError(f"model.backbone.name: unknown backbone {cfg.name!r}; allowed: {allowed}")
+        builder = BACKBONES.get(cfg.name)
     return builder(cfg)
