@@ -12,16 +12,14 @@ from typer.testing import CliRunner
 
 from clcli.cli import app
 
-from .helpers import TINY
+from .helpers import set_args, tiny_overrides
 
 runner = CliRunner()
 
 
-def sets(*items: str) -> list[str]:
-    out: list[str] = []
-    for item in items:
-        out += ["--set", item]
-    return out
+def tiny_sets(*extra: str) -> list[str]:
+    """The tiny SimCLR recipe's overrides, then ``extra``, as ``--set`` arguments."""
+    return set_args(*tiny_overrides("simclr", *extra))
 
 
 def invoke(*args: str):
@@ -31,7 +29,7 @@ def invoke(*args: str):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("cli") / "run"
-    res = invoke("pretrain", "--recipe", "simclr", "--out", str(run), "--json", *sets(*TINY, "trainer.steps=3"))
+    res = invoke("pretrain", "--recipe", "simclr", "--out", str(run), "--json", *tiny_sets("trainer.steps=3"))
     assert res.exit_code == 0, res.output
     return run
 
@@ -89,7 +87,7 @@ def test_export_loads_into_clcli_and_torchvision(tmp_path):
         "--out",
         str(run),
         "--json",
-        *sets(*TINY, "trainer.steps=1", "model.backbone.name=resnet18", "data.limit=64"),
+        *tiny_sets("trainer.steps=1", "model.backbone.name=resnet18", "data.limit=64"),
     )
     assert res.exit_code == 0, res.output
     out = tmp_path / "backbone.safetensors"
@@ -123,13 +121,13 @@ def test_export_loads_into_clcli_and_torchvision(tmp_path):
 def test_errors_are_one_message_and_exit_2(tmp_path, trained_run):
     cases = [
         (["pretrain", "--recipe", "nosuch"], "unknown recipe"),
-        (["pretrain", "--recipe", "simclr", *sets("optim.lr=-1")], "optim.lr"),
+        (["pretrain", "--recipe", "simclr", *set_args("optim.lr=-1")], "optim.lr"),
         (["pretrain", "--recipe", "simclr", "--data", str(tmp_path / "missing")], "does not exist"),
         (["eval", "knn", "--run", str(tmp_path)], "not a clcli run folder"),
         (["eval", "knn", "--run", str(tmp_path / "nope")], "does not exist"),
         (["eval", "knn", "--run", str(trained_run), "--features", "pixels"], "--features"),
         (["export", "--run", str(tmp_path), "--out", str(tmp_path / "x.safetensors")], "not a clcli run folder"),
-        (["pretrain", "--recipe", "simclr", "--out", str(trained_run), *sets(*TINY)], "already holds a run"),
+        (["pretrain", "--recipe", "simclr", "--out", str(trained_run), *tiny_sets()], "already holds a run"),
     ]
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -151,7 +149,7 @@ def test_checkpoint_from_another_recipe_is_refused(tmp_path, trained_run):
         "--out",
         str(other),
         "--json",
-        *sets(*TINY, "trainer.steps=1", "model.backbone.width=4"),
+        *tiny_sets("trainer.steps=1", "model.backbone.width=4"),
     )
     assert res.exit_code == 0, res.output
     ckpt = sorted((other / "checkpoints").glob("step-*"))[-1]
@@ -163,7 +161,7 @@ def test_checkpoint_from_another_recipe_is_refused(tmp_path, trained_run):
 
 def test_resume_without_recipe_uses_the_run_folder(tmp_path):
     run = tmp_path / "run"
-    res = invoke("pretrain", "--recipe", "simclr", "--out", str(run), "--json", *sets(*TINY, "trainer.steps=2"))
+    res = invoke("pretrain", "--recipe", "simclr", "--out", str(run), "--json", *tiny_sets("trainer.steps=2"))
     assert res.exit_code == 0
     res = invoke("pretrain", "--resume", "--out", str(run), "--json", "--set", "trainer.steps=3")
     assert res.exit_code == 0, res.output

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch import nn
@@ -15,7 +13,7 @@ from clcli.methods.base import ParamGroup
 from clcli.recipe import OptimConfig
 
 from .conftest import write_image
-from .helpers import tiny_recipe
+from .helpers import metric_rows, tiny_recipe
 
 
 def test_bias_and_norm_parameters_get_no_decay_and_no_lars():
@@ -47,7 +45,7 @@ def test_lars_step_matches_the_trust_ratio_formula():
 def test_fixed_lr_group_keeps_the_peak_rate(tmp_path):
     from clcli.assemble import prepare_training
 
-    stages = prepare_training(tiny_recipe("trainer.steps=4", "optim.lr=0.2"), tmp_path / "run")
+    stages = prepare_training(tiny_recipe("simclr", "trainer.steps=4", "optim.lr=0.2"), tmp_path / "run")
     stages.trainer.optimizer.param_groups[0]["fixed_lr"] = True
     stages.trainer._set_hyperparameters(3)
     lrs = [g["lr"] for g in stages.trainer.optimizer.param_groups]
@@ -55,16 +53,16 @@ def test_fixed_lr_group_keeps_the_peak_rate(tmp_path):
 
 
 def test_online_knn_every_epoch(tmp_path):
-    recipe = tiny_recipe("data.limit=64", "trainer.steps=4", "trainer.online_knn_every=1")  # 2 steps per epoch
+    recipe = tiny_recipe("simclr", "data.limit=64", "trainer.steps=4", "trainer.online_knn_every=1")  # 2 steps/epoch
     pretrain(recipe, tmp_path / "run")
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    online = [r for r in rows if "online_knn_top1" in r]
+    online = [r for r in metric_rows(tmp_path / "run") if "online_knn_top1" in r]
     assert [r["epoch"] for r in online] == [1, 2]
     assert all(0.0 <= r["online_knn_top1"] <= 1.0 for r in online)
 
 
 def test_training_on_a_streaming_hub_dataset(tmp_path, hf_offline, hub_folder):
     recipe = tiny_recipe(
+        "simclr",
         f"data.source=hf:{hub_folder}",
         "data.streaming=true",
         "trainer.batch_size=2",
@@ -75,7 +73,9 @@ def test_training_on_a_streaming_hub_dataset(tmp_path, hf_offline, hub_folder):
     assert summary["steps"] == 2
     with pytest.raises(TrainingError, match="trainer.steps"):
         pretrain(
-            tiny_recipe(f"data.source=hf:{hub_folder}", "data.streaming=true", "trainer.steps=null", "data.limit=null"),
+            tiny_recipe(
+                "simclr", f"data.source=hf:{hub_folder}", "data.streaming=true", "trainer.steps=null", "data.limit=null"
+            ),
             tmp_path / "run2",
         )
 
@@ -91,7 +91,7 @@ def folder_with_a_bad_image(tmp_path):
 
 def test_unreadable_image_stops_the_run_naming_the_file(tmp_path, folder_with_a_bad_image):
     recipe = tiny_recipe(
-        f"data.source={folder_with_a_bad_image}", "trainer.batch_size=8", "trainer.steps=1", "data.limit=null"
+        "simclr", f"data.source={folder_with_a_bad_image}", "trainer.batch_size=8", "trainer.steps=1", "data.limit=null"
     )
     with pytest.raises(BadImageError, match="broken.png"):
         pretrain(recipe, tmp_path / "run")
@@ -99,6 +99,7 @@ def test_unreadable_image_stops_the_run_naming_the_file(tmp_path, folder_with_a_
 
 def test_skip_bad_images_counts_and_reports_them(tmp_path, folder_with_a_bad_image):
     recipe = tiny_recipe(
+        "simclr",
         f"data.source={folder_with_a_bad_image}",
         "trainer.batch_size=8",
         "trainer.steps=2",
