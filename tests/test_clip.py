@@ -298,6 +298,9 @@ def test_zeroshot_classifier_is_the_renormalised_mean_of_normalised_prompt_embed
 def test_zeroshot_on_labelled_data_and_on_a_folder(digits_run, tmp_path):
     res = zeroshot(digits_run, data="embedded:digits", templates="simple", limit=50)
     assert res["matched"] == "by name" and res["images"] == 50 and 0 <= res["top1"] <= res["top5"] <= 1
+    # the overall score is the per-class scores weighted by their images
+    assert sum(r["images"] for r in res["per_class"]) == 50
+    assert res["top1"] == pytest.approx(sum(r["top1"] * r["images"] for r in res["per_class"]) / 50)
     assert [r["class"] for r in res["per_class"]] == [str(k) for k in range(10)]
     assert (digits_run / "eval" / "zeroshot.json").is_file()
     for k in range(3):

@@ -9,6 +9,7 @@ from torch import nn
 from clcli.assemble import pretrain
 from clcli.engine.optim import LARS, build_optimizer, optimizer_groups
 from clcli.errors import BadImageError, TrainingError
+from clcli.evaluate.protocols import knn_eval
 from clcli.methods.base import ParamGroup
 from clcli.recipe import OptimConfig
 
@@ -56,8 +57,15 @@ def test_online_knn_every_epoch(tmp_path):
     recipe = tiny_recipe("simclr", "data.limit=64", "trainer.steps=4", "trainer.online_knn_every=1")  # 2 steps/epoch
     pretrain(recipe, tmp_path / "run")
     online = [r for r in metric_rows(tmp_path / "run") if "online_knn_top1" in r]
-    assert [r["epoch"] for r in online] == [1, 2]
-    assert all(0.0 <= r["online_knn_top1"] <= 1.0 for r in online)
+    assert [(r["epoch"], r["step"]) for r in online] == [(1, 2), (2, 4)]
+    # the last score is of the final weights: the number `clcli eval knn` gives for the run, with the
+    # training split cut to data.limit as in training and the whole test split (360 digits)
+    offline = knn_eval(tmp_path / "run", train_limit=64, show_progress=False)
+    assert (offline["train_images"], offline["test_images"]) == (64, 360)
+    assert online[-1]["online_knn_top1"] == offline["top1"]
+    for r in online:  # a count of correct test digits, well above chance (0.1)
+        assert r["online_knn_top1"] * 360 == pytest.approx(round(r["online_knn_top1"] * 360), abs=1e-6)
+        assert r["online_knn_top1"] > 0.25
 
 
 def test_training_on_a_streaming_hub_dataset(tmp_path, hf_offline, hub_folder):
