@@ -1,5 +1,6 @@
 """Shared helpers for tests: tiny, fast recipes on real images (scikit-learn's digits), the context a
-method is built with, and readers of a run's metrics."""
+method is built with, multi-crop batches of noise, and short runs (learning, exact resume, export)
+with readers of their metrics."""
 
 from __future__ import annotations
 
