@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from clcli.recipe import Recipe, load_recipe, validate_recipe
+from clcli.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
@@ -143,9 +144,7 @@ def environment() -> dict[str, Any]:
     }
 
 
-def metric_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """Every record of a run's metrics.jsonl, in order (the trainer writes one per logged step)."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+metric_rows = read_metrics
 
 
 def merge_results(path: Path, rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:

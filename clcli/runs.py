@@ -105,6 +105,17 @@ def record_run(out: Path, recipe: Recipe, *, resumed_at: int | None = None) -> N
     ckpt.atomic_write_text(prov_path, json.dumps(prov, indent=2))
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of a run's ``metrics.jsonl``, in order (the trainer writes one per logged step)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_run_recipe(run_dir: Path) -> Recipe:
     """The validated recipe saved in a run folder."""
     path = Path(run_dir) / "recipe.yaml"
