@@ -71,6 +71,11 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(-3)
 
 
+def grayscale_patches(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """Luma on all three channels of the patches [P, 3, h, w] where ``apply`` [P] is True."""
+    return torch.where(apply.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+
+
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(dim=-3)
     maxc, _ = x.max(dim=-3)
@@ -111,41 +116,64 @@ def _factors(n: int, strength: float, centre: float, low: float | None = None) -
     return torch.empty(n).uniform_(lo, centre + strength)
 
 
-def colour_jitter_patches(
-    x: torch.Tensor, apply: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float
+def jitter_patches(
+    x: torch.Tensor,
+    apply: torch.Tensor,
+    brightness: torch.Tensor | None,
+    contrast: torch.Tensor | None,
+    saturation: torch.Tensor | None,
+    hue: torch.Tensor | None,
 ) -> torch.Tensor:
-    """ColorJitter per patch on float [P, 3, h, w] in [0, 1]; rows where ``apply`` is False are unchanged."""
+    """ColorJitter per patch with explicit factors [P] (``None``: op skipped), in the fixed order
+    brightness, contrast, saturation, hue, on float [P, 3, h, w] in [0, 1]; rows where ``apply`` is
+    False are unchanged."""
     n = x.shape[0]
     view = (n, 1, 1, 1)
     keep = ~apply.view(view)
     out = x
-    if brightness > 0:
-        f = _factors(n, brightness, 1.0).view(view)
+    if brightness is not None:
+        f = brightness.to(x).view(view)
         out = torch.where(keep, out, (out * f).clamp(0, 1))
-    if contrast > 0:
-        f = _factors(n, contrast, 1.0).view(view)
+    if contrast is not None:
+        f = contrast.to(x).view(view)
         mean = _gray(out).mean(dim=(-3, -2, -1), keepdim=True)
         out = torch.where(keep, out, (f * out + (1 - f) * mean).clamp(0, 1))
-    if saturation > 0:
-        f = _factors(n, saturation, 1.0).view(view)
+    if saturation is not None:
+        f = saturation.to(x).view(view)
         out = torch.where(keep, out, (f * out + (1 - f) * _gray(out)).clamp(0, 1))
-    if hue > 0:
-        shift = torch.empty(n).uniform_(-hue, hue).view(n, 1, 1)
+    if hue is not None:
+        shift = hue.to(x).view(n, 1, 1)
         hsv = _rgb_to_hsv(out)
         hsv = torch.stack([torch.remainder(hsv[:, 0] + shift, 1.0), hsv[:, 1], hsv[:, 2]], dim=1)
         out = torch.where(keep, out, _hsv_to_rgb(hsv).clamp(0, 1))
     return out
 
 
+def colour_jitter_patches(
+    x: torch.Tensor, apply: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float
+) -> torch.Tensor:
+    """ColorJitter per patch on float [P, 3, h, w] in [0, 1]; rows where ``apply`` is False are unchanged."""
+    n = x.shape[0]
+    factors = [_factors(n, s, 1.0) if s > 0 else None for s in (brightness, contrast, saturation)]
+    shift = torch.empty(n).uniform_(-hue, hue) if hue > 0 else None
+    return jitter_patches(x, apply, *factors, shift)
+
+
+def colour_drop(x: torch.Tensor, apply: torch.Tensor, kept: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """In the patches where ``apply`` [P] is True keep channel ``kept`` [P]; the other two become
+    0.5 + ``noise`` (standard normal, like x) x the kept channel's standard deviation / 100."""
+    n = x.shape[0]
+    channel = torch.arange(3, device=x.device).view(1, 3)
+    dropped = (channel != kept.view(n, 1)) & apply.view(n, 1)  # [P, 3]
+    kept_std = x[torch.arange(n, device=x.device), kept].flatten(1).std(dim=1).view(n, 1, 1, 1)
+    filler = 0.5 + noise * kept_std / 100.0
+    return torch.where(dropped.view(n, 3, 1, 1), filler.clamp(0, 1), x)
+
+
 def _colour_drop(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     """Keep one random channel of the chosen patches; the other two become grey plus faint noise."""
-    n = x.shape[0]
-    kept = torch.randint(0, 3, (n,))
-    channel = torch.arange(3).view(1, 3)
-    dropped = (channel != kept.view(n, 1)) & apply.view(n, 1)  # [P, 3]
-    kept_std = x[torch.arange(n), kept].flatten(1).std(dim=1).view(n, 1, 1, 1)
-    filler = 0.5 + torch.randn_like(x) * kept_std / 100.0
-    return torch.where(dropped.view(n, 3, 1, 1), filler.clamp(0, 1), x)
+    kept = torch.randint(0, 3, (x.shape[0],))
+    return colour_drop(x, apply, kept, torch.randn_like(x))
 
 
 class CPCPatches:
@@ -189,8 +217,7 @@ class CPCPatches:
         if self.jitter_p > 0:
             x = colour_jitter_patches(x, torch.rand(n) < self.jitter_p, *self.strengths)
         if self.grayscale_p > 0:
-            gray = torch.rand(n).view(n, 1, 1, 1) < self.grayscale_p
-            x = torch.where(gray, _gray(x).expand_as(x), x)
+            x = grayscale_patches(x, torch.rand(n) < self.grayscale_p)
         if self.drop_p > 0:
             x = _colour_drop(x, torch.rand(n) < self.drop_p)
         return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
