@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,8 @@ SOLARIZE_THRESHOLD = 128 / 255  # the pipeline's RandomSolarize(threshold=128) o
 IDENTITY = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation factors and hue shift that change nothing
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 BATCHED_PIPELINES = ("simclr", "center", "cpc")  # the registered pipelines the batched ops mirror
+P = TypeVar("P")
+CPU_CHUNK_PIXELS = 1 << 18  # pixels per chunk of a batch on the CPU (a 512 x 32 px batch: 2 chunks; 224 px: 5 images)
 
 
 def supports_batched(group: ViewGroup) -> bool:
@@ -85,16 +88,17 @@ def _select(apply: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return torch.lerp(x, y, _per_sample(apply, x))
 
 
-def move_params(params: object, device: torch.device | str) -> object:
+def move_params(params: P, device: torch.device | str) -> P:
     """A copy of a frozen dataclass of CPU tensors (``None`` fields kept) on ``device``, moved in one copy.
 
-    The tensors are packed as float64 columns (exact for bools, int64 below 2**53 and float32),
+    The tensors are packed as float32 columns (exact for bools, integers below 2**24 and float32),
     copied once and unpacked in their own dtypes and shapes.
     """
-    present = {f.name: getattr(params, f.name) for f in fields(params) if getattr(params, f.name) is not None}  # type: ignore[arg-type]
+    present = {f.name: getattr(params, f.name) for f in fields(params)}  # type: ignore[arg-type]
+    present = {name: v for name, v in present.items() if v is not None}
     if not present:
         return params
-    columns = [v.to(torch.float64).reshape(v.shape[0], -1) for v in present.values()]
+    columns = [v.to(torch.float32).reshape(v.shape[0], -1) for v in present.values()]
     packed = torch.cat(columns, dim=1).to(device, non_blocking=True)
     moved, start = {}, 0
     for (name, v), col in zip(present.items(), columns, strict=True):
@@ -108,7 +112,7 @@ def move_params(params: object, device: torch.device | str) -> object:
 def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
     """Luma [B, 1, H, W] of RGB [B, 3, H, W] with torchvision's weights."""
     r, g, b = x.unbind(dim=-3)
-    return (r * LUMA[0] + g * LUMA[1] + b * LUMA[2]).unsqueeze(-3)
+    return (r * LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(-3)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -284,7 +288,14 @@ class PhotometricParams:
 
     def to(self, device: torch.device | str) -> PhotometricParams:
         """The same parameters on ``device``, moved in one copy."""
-        return move_params(self, device)  # type: ignore[return-value]
+        return move_params(self, device)
+
+    def rows(self, start: int, stop: int) -> PhotometricParams:
+        """The parameters of samples ``start:stop``."""
+        return replace(
+            self,
+            **{f.name: getattr(self, f.name)[start:stop] for f in fields(self) if getattr(self, f.name) is not None},
+        )
 
 
 def sample_photometric(group: ViewGroup, rng: SampleRandom) -> PhotometricParams:
@@ -312,7 +323,20 @@ def sample_photometric(group: ViewGroup, rng: SampleRandom) -> PhotometricParams
 
 
 def photometric(x: torch.Tensor, group: ViewGroup, params: PhotometricParams) -> torch.Tensor:
-    """Apply a ``simclr`` group's photometric ops with explicit parameters, in the pipeline's order."""
+    """Apply a ``simclr`` group's photometric ops with explicit parameters, in the pipeline's order.
+
+    On the CPU a large batch goes in chunks of about :data:`CPU_CHUNK_PIXELS` pixels, whose
+    intermediate tensors stay in the processor's cache (each sample's result is the same).
+    """
+    b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    chunk = max(1, CPU_CHUNK_PIXELS // (h * w))
+    if x.device.type == "cpu" and b > chunk:
+        parts = [_photometric(x[i : i + chunk], group, params.rows(i, i + chunk)) for i in range(0, b, chunk)]
+        return torch.cat(parts)
+    return _photometric(x, group, params)
+
+
+def _photometric(x: torch.Tensor, group: ViewGroup, params: PhotometricParams) -> torch.Tensor:
     if params.factors is not None and params.order is not None and params.jitter_apply is not None:
         hue = jitter_ranges(group)[HUE] is not None
         jittered = color_jitter(x, params.factors, params.order, hue=hue)

@@ -52,7 +52,7 @@ class PatchParams:
 
     def to(self, device: torch.device | str) -> PatchParams:
         """The same parameters on ``device``, moved in one copy."""
-        return move_params(self, device)  # type: ignore[return-value]
+        return move_params(self, device)
 
 
 def _base_corners(group: ViewGroup) -> tuple[torch.Tensor, torch.Tensor]:
