@@ -73,13 +73,13 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 def grayscale_patches(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     """Luma on all three channels of the patches [P, 3, h, w] where ``apply`` [P] is True."""
-    return torch.where(apply.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    return torch.lerp(x, _gray(x).expand_as(x), apply.view(-1, 1, 1, 1).to(x.dtype))  # weights 0/1: exact
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(dim=-3)
-    maxc, _ = x.max(dim=-3)
-    minc, _ = x.min(dim=-3)
+    maxc = x.amax(dim=-3)
+    minc = x.amin(dim=-3)
     chroma = maxc - minc
     s = chroma / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
     div = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
@@ -90,6 +90,10 @@ def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([h, s, maxc], dim=-3)
 
 
+# Which of (v, p, q, t) each of r, g, b takes in the six sectors of the hue circle (Smith 1978).
+_SECTOR_TABLE = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
+
+
 def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     h, s, v = x.unbind(dim=-3)
     h6 = h * 6.0
@@ -97,18 +101,9 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     f = h6 - i
     i = i.long() % 6
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = torch.stack(
-        [
-            torch.stack([v, t, p], dim=-3),
-            torch.stack([q, v, p], dim=-3),
-            torch.stack([p, v, t], dim=-3),
-            torch.stack([p, q, v], dim=-3),
-            torch.stack([t, p, v], dim=-3),
-            torch.stack([v, p, q], dim=-3),
-        ]
-    )  # [6, ..., 3, h, w]
-    index = i.unsqueeze(-3).expand_as(choices[0]).unsqueeze(0)
-    return choices.gather(0, index).squeeze(0)
+    values = torch.stack([v, p, q, t])  # [4, ..., h, w]
+    table = torch.tensor(_SECTOR_TABLE, device=x.device)
+    return values.gather(0, table[:, i]).movedim(0, -3)  # [..., 3, h, w]
 
 
 def _factors(n: int, strength: float, centre: float, low: float | None = None) -> torch.Tensor:
@@ -129,23 +124,23 @@ def jitter_patches(
     False are unchanged."""
     n = x.shape[0]
     view = (n, 1, 1, 1)
-    keep = ~apply.view(view)
+    chosen = apply.view(view).to(x.dtype)  # 0/1: a lerp with these weights selects exactly
     out = x
     if brightness is not None:
         f = brightness.to(x).view(view)
-        out = torch.where(keep, out, (out * f).clamp(0, 1))
+        out = torch.lerp(out, (out * f).clamp(0, 1), chosen)
     if contrast is not None:
         f = contrast.to(x).view(view)
         mean = _gray(out).mean(dim=(-3, -2, -1), keepdim=True)
-        out = torch.where(keep, out, (f * out + (1 - f) * mean).clamp(0, 1))
+        out = torch.lerp(out, (f * out + (1 - f) * mean).clamp(0, 1), chosen)
     if saturation is not None:
         f = saturation.to(x).view(view)
-        out = torch.where(keep, out, (f * out + (1 - f) * _gray(out)).clamp(0, 1))
+        out = torch.lerp(out, (f * out + (1 - f) * _gray(out)).clamp(0, 1), chosen)
     if hue is not None:
         shift = hue.to(x).view(n, 1, 1)
         hsv = _rgb_to_hsv(out)
         hsv = torch.stack([torch.remainder(hsv[:, 0] + shift, 1.0), hsv[:, 1], hsv[:, 2]], dim=1)
-        out = torch.where(keep, out, _hsv_to_rgb(hsv).clamp(0, 1))
+        out = torch.lerp(out, _hsv_to_rgb(hsv).clamp(0, 1), chosen)
     return out
 
 
