@@ -21,6 +21,7 @@ from torch import nn
 from clcli import dist
 from clcli.engine import checkpoint as ckpt
 from clcli.engine import distributed
+from clcli.engine.ddp import StepModule, accumulating, any_rank, data_parallel, mean_over_ranks, sum_over_ranks
 from clcli.engine.loader import EpochBatchSampler
 from clcli.engine.sharding import ShardedBatchSampler, owner, shard, shard_bounds
 from clcli.engine.syncbn import PortableSyncBatchNorm, convert_sync_batchnorm
@@ -137,6 +138,53 @@ def _on_ranks_simclr_grad(seed: int, global_batch: int, gather: bool) -> dict:
         "loss": (loss.detach(), ref_loss.detach()),
         "weight": (encoder.weight.grad, ref.weight.grad),
         "bias": (encoder.bias.grad, ref.bias.grad),
+    }
+
+
+class _KeptBatchNorm(nn.BatchNorm1d):
+    """A batch norm subclass with its own rule (like MoCo's split BN): conversions must leave it alone."""
+
+
+class _Regressor(nn.Module):
+    """A stand-in method: its training step is an MSE regression."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1))
+        self.kept = _KeptBatchNorm(5)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+def _on_ranks_ddp_accumulation(seed: int, global_batch: int, accumulate: int) -> dict:
+    """The trainer's data-parallel step: sync BN, DDP, accumulation with no_sync, against one process."""
+    torch.manual_seed(seed)
+    method = _Regressor()
+    x, y = torch.randn(global_batch * accumulate, 5), torch.randn(global_batch * accumulate, 1)
+    ref = copy.deepcopy(method)
+    for k in range(accumulate):  # one process: micro-batch k is rows [k*B, (k+1)*B)
+        rows = slice(k * global_batch, (k + 1) * global_batch)
+        (ref.training_step((x[rows], y[rows]), 0) / accumulate).backward()
+
+    module = data_parallel(method, torch.device("cpu"), sync_batchnorm=True)
+    start, stop = shard_bounds(global_batch, dist.rank(), dist.world_size())
+    for k in range(accumulate):
+        rows = slice(k * global_batch + start, k * global_batch + stop)
+        with accumulating(module, last_micro_batch=k == accumulate - 1):
+            (module((x[rows], y[rows]), 0) / accumulate).backward()
+    return {
+        "wrapped": type(module).__name__,
+        "norms": [type(m).__name__ for m in method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
+        "grads": {
+            n: (p.grad, dict(ref.named_parameters())[n].grad)
+            for n, p in method.named_parameters()
+            if p.grad is not None or dict(ref.named_parameters())[n].grad is not None
+        },
+        "any": (any_rank(dist.rank() == 1), any_rank(False)),
+        "mean": float(mean_over_ranks(torch.tensor(float(dist.rank())))),
+        "sum": sum_over_ranks(dist.rank() + 1, torch.device("cpu")),
     }
 
 
@@ -275,6 +323,24 @@ def test_sync_bn_under_ddp_gives_the_whole_batch_gradient(world: World) -> None:
     outs = world.run(_on_ranks_sync_bn_ddp, 4, 8)
     for out in outs:
         close(out["loss"])
+        for pair in out["grads"].values():
+            close(pair)
+
+
+def test_data_parallel_is_the_plain_step_in_one_process() -> None:
+    method = _Regressor()
+    module = data_parallel(method, torch.device("cpu"), sync_batchnorm=True)
+    assert type(module) is StepModule and module.method is method
+    assert not any(isinstance(m, PortableSyncBatchNorm) for m in method.modules())
+    assert any_rank(True) and not any_rank(False) and sum_over_ranks(3, torch.device("cpu")) == 3
+
+
+def test_ddp_with_accumulation_gives_the_one_process_gradient(world: World) -> None:
+    for out in world.run(_on_ranks_ddp_accumulation, 3, 8, 2):
+        assert out["wrapped"] == "DistributedDataParallel"
+        assert out["norms"] == ["PortableSyncBatchNorm", "_KeptBatchNorm"]  # the subclass keeps its own rule
+        assert out["any"] == (True, False) and out["mean"] == 0.5 and out["sum"] == 3
+        assert len(out["grads"]) == 6  # the kept BN has no gradient (unused)
         for pair in out["grads"].values():
             close(pair)
 

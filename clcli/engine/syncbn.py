@@ -80,40 +80,45 @@ def _global_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]
     return global_mean, global_m2 / total, float(total)
 
 
-def _to_portable(module: nn.Module) -> nn.Module:
+#: The layers a conversion replaces: torch's own batch norms, never a subclass with its own rule
+#: (MoCo's shuffling/split BN keeps its per-group statistics).
+PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _convert(module: nn.Module, layer: type[_BatchNorm]) -> nn.Module:
     out = module
-    if isinstance(module, _BatchNorm) and not isinstance(module, (nn.SyncBatchNorm, PortableSyncBatchNorm)):
-        out = PortableSyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-        )
+    if type(module) in PLAIN_BATCHNORMS:
+        out = layer(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         if module.affine:
-            with torch.no_grad():
-                out.weight = module.weight
-                out.bias = module.bias
+            out.weight = module.weight  # the same Parameters: an optimiser built before still updates them
+            out.bias = module.bias
         out.running_mean = module.running_mean
         out.running_var = module.running_var
         out.num_batches_tracked = module.num_batches_tracked
         out.train(module.training)
     for name, child in module.named_children():
-        out.add_module(name, _to_portable(child))
+        out.add_module(name, _convert(child, layer))
     return out
 
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device | None = None) -> nn.Module:
-    """Every batch norm layer of ``module`` made global-batch: torch's on CUDA, the portable one elsewhere.
+    """Every plain batch norm layer of ``module`` made global-batch: torch's on CUDA, the portable one elsewhere.
 
     In a single process ``module`` is returned unchanged.  ``device`` defaults to the device of
     ``module``'s first parameter (CPU when it has none).  The layers keep their parameters and
-    buffers (the same tensors), so an optimiser built before the conversion still updates them.
+    buffers (the same tensors), and ``module`` itself is changed in place unless it is a batch norm.
     """
     if dist.world_size() == 1:
         return module
     if device is None:
         first = next(module.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _to_portable(module)
+    return _convert(module, nn.SyncBatchNorm if device.type == "cuda" else PortableSyncBatchNorm)
 
 
-__all__ = ["PortableSyncBatchNorm", "convert_sync_batchnorm"]
+def has_sync_batchnorm(module: nn.Module) -> bool:
+    """Whether any layer of ``module`` normalises over the global batch."""
+    return any(isinstance(m, (nn.SyncBatchNorm, PortableSyncBatchNorm)) for m in module.modules())
+
+
+__all__ = ["PLAIN_BATCHNORMS", "PortableSyncBatchNorm", "convert_sync_batchnorm", "has_sync_batchnorm"]
