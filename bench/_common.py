@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: result files and the environment record."""
+"""Shared pieces of the benchmarks: the quality budget, the recipe hash, result files, the environment record."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from typing import Any
 
 import torch
 
+from clcli.recipe import Recipe, load_recipe, validate_recipe
+from clcli.runs import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
-# lightly's CIFAR-10 benchmark settings for SimSiam as clcli overrides (bench/gpu_jobs/simsiam-lightly.txt);
+# lightly's CIFAR-10 benchmark settings for SimSiam as clcli overrides (bench/notes/gpu_jobs/simsiam-lightly.txt);
 # its initialisation is model.backbone.init=pytorch on top
 LIGHTLY_SIMSIAM = (
     "optim.lr=0.06",
@@ -26,6 +29,98 @@ LIGHTLY_SIMSIAM = (
     "method.view_passes=separate",
     "views.groups.0.crop_scale=[0.08,1.0]",
 )
+
+# The quality budget (the foundation issue's): one epoch at batch 128 in bf16, then weighted kNN
+# with k = 200 and T = 0.1 on backbone features, from the train split to the test split.
+QUALITY_BUDGET = {"epochs": 1.0, "batch": 128, "precision": "bf16", "k": 200, "temperature": 0.1}
+# a run asked for bf16 on a CPU without bf16 arithmetic runs, and records, fp32
+PRECISIONS_OF = {"bf16": ("bf16", "fp32"), "fp32": ("fp32",)}
+
+
+def quality_overrides(
+    data: Path,
+    *,
+    epochs: float,
+    batch: int,
+    precision: str,
+    seed: int,
+    k: int,
+    temperature: float,
+    workers: int = 1,
+) -> list[str]:
+    """The overrides that put a recipe on the quality budget (``bench/quality.py``, ``bench/bars.py``)."""
+    return [
+        f"data.source={Path(data) / 'train.parquet'}",
+        f"trainer.epochs={epochs}",
+        f"trainer.batch_size={batch}",
+        f"trainer.precision={precision}",
+        f"seed={seed}",
+        f"data.num_workers={workers}",
+        "trainer.checkpoint_every=100000",
+        "trainer.log_every=20",
+        f"eval.knn_k={k}",
+        f"eval.knn_temperature={temperature}",
+    ]
+
+
+# What a row's recipe_hash leaves out: the seed (a row's own column: the seeds of one recipe are
+# samples of it), the description (prose about the recipe) and the settings that say where and how
+# a run is computed and logged, not what it computes. They are set to these values before hashing.
+HASH_NEUTRAL: dict[tuple[str, ...], Any] = {
+    ("seed",): 0,
+    ("description",): "",
+    ("data", "num_workers"): 0,
+    ("trainer", "device"): "auto",
+    ("trainer", "threads"): None,
+    ("trainer", "log_every"): 10,
+    ("trainer", "checkpoint_every"): 500,
+    ("trainer", "keep_checkpoints"): 2,
+}
+
+
+def data_name(source: str) -> str:
+    """A data source as the hash sees it: a local path by its last two parts (``cifar10/train.parquet``),
+    so the same files on two machines hash alike; ``embedded:``/``hf:`` specs as they are."""
+    if source.startswith(("embedded:", "hf:")):
+        return source
+    parts = Path(source).parts
+    return "/".join(parts[-2:])
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """The fingerprint of what a benchmark row measured: :meth:`clcli.recipe.Recipe.digest` of the
+    resolved recipe the run used (preset, overrides, budget, and the precision it really ran in),
+    with the seed and the fields of :data:`HASH_NEUTRAL` neutralised and the data source by name.
+
+    It fingerprints the recipe, not the code: a change of behaviour that leaves every field as it
+    was is not seen (a new field or a changed default is a field change, and is)."""
+    raw = recipe.to_dict()
+    for path, value in HASH_NEUTRAL.items():
+        section = raw
+        for part in path[:-1]:
+            section = section[part]
+        section[path[-1]] = value
+    raw["data"]["source"] = data_name(raw["data"]["source"])
+    return validate_recipe(raw).digest()
+
+
+def preset_hashes(name: str, overrides: tuple[str, ...] = (), epochs: float = QUALITY_BUDGET["epochs"]) -> set[str]:
+    """The recipe hashes of a preset (with ``overrides``) at the quality budget as it resolves today,
+    one per precision the budget may run in (bf16, or fp32 where bf16 falls back)."""
+    b = QUALITY_BUDGET
+    out = set()
+    for precision in PRECISIONS_OF[str(b["precision"])]:
+        budget = quality_overrides(
+            CIFAR,
+            epochs=epochs,
+            batch=int(b["batch"]),
+            precision=precision,
+            seed=0,
+            k=int(b["k"]),
+            temperature=float(b["temperature"]),
+        )
+        out.add(recipe_hash(load_recipe(name, budget + list(overrides))))
+    return out
 
 
 def environment() -> dict[str, Any]:
@@ -49,9 +144,7 @@ def environment() -> dict[str, Any]:
     }
 
 
-def metric_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """Every record of a run's metrics.jsonl, in order (the trainer writes one per logged step)."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+metric_rows = read_metrics
 
 
 def merge_results(path: Path, rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:

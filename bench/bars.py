@@ -11,10 +11,13 @@ measure its current preset, and reports per seed and over seeds:
   seeds that have both;
 - the bars: the untrained figure the issue names, and the public reference it names, if any.
 
-Which rows measure the current preset is written down below (``METHODS``), with the reason, since a
-row's name and overrides do not say which version of a preset it ran: a preset that changed after a
-row was measured excludes that row through ``since``.  Rows measured on another device or in fp32
-(a CPU without bf16) count as further seeds of the same recipe.
+Which rows measure the current preset is decided by their ``recipe_hash`` (``_common.recipe_hash``):
+each bar's preset (recipe and overrides) is resolved as it is today at the quality budget, and the
+trained rows with its hash count, whatever their name, date or device; the untrained rows with the
+hash of the bar's baseline recipe are its untrained backbone.  A row of an older version of the
+preset has another hash and is left out; a row without a hash (``recipe_hash: null``, see
+``bench/notes/backfill_recipe_hash.py``) counts nowhere.  The budget's bf16 and its fp32 fallback
+(a CPU without bf16 arithmetic) are both accepted, so fp32 rows count as further seeds.
 
     python bench/bars.py                      # bench/results/bars.{json,md}
     python bench/bars.py --results other.json --out /tmp/bars
@@ -23,160 +26,97 @@ row was measured excludes that row through ``since``.  Rows measured on another 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import LIGHTLY_SIMSIAM
+from _common import LIGHTLY_SIMSIAM, preset_hashes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
-class Rows:
-    """Rows of quality.json: a row name, its overrides, and measured no earlier than ``since``."""
+class Preset:
+    """A recipe with overrides at the quality budget (``epochs`` may differ): the rows it selects
+    are those whose recipe_hash is its hash today."""
 
-    method: str
+    recipe: str
     overrides: tuple[str, ...] = ()
-    since: str = ""  # ISO time of the preset's last change that alters a one-epoch run
     epochs: float = 1
+
+    def hashes(self) -> frozenset[str]:
+        return _hashes(self)
+
+
+@functools.cache
+def _hashes(preset: Preset) -> frozenset[str]:
+    return frozenset(preset_hashes(preset.recipe, preset.overrides, preset.epochs))
 
 
 @dataclass(frozen=True)
 class Bar:
     issue: int
-    rows: tuple[Rows, ...]
-    baseline: tuple[Rows, ...]
+    preset: Preset
+    baseline: Preset  # whose untrained backbone each seed is paired with
     untrained_bar: float  # the untrained figure the issue names
     reference: float | None = None  # a public implementation's figure at the same budget
     reference_name: str = ""
     why: str = ""
 
 
-def _cifar_rows(name: str, since: str = "", overrides: tuple[str, ...] = ()) -> tuple[Rows, ...]:
-    """The CPU row, the session-11 H200 rows and the gpu_check.sh rows of one recipe."""
-    return tuple(Rows(f"{name}{suffix}", overrides, since) for suffix in ("", "-h200", "-gpu"))
-
-
 _PINIT = ("model.backbone.init=pytorch",)
-UNTRAINED = _cifar_rows("untrained")
-UNTRAINED_PINIT = _cifar_rows("untrained-pinit", overrides=_PINIT)
+UNTRAINED = Preset("simclr")
+UNTRAINED_PINIT = Preset("simclr", _PINIT)
 # the untrained ResNet-18 (CIFAR stem) by seed, as the presets build it and with PyTorch's layer
 # defaults (model.backbone.init=pytorch, as lightly's benchmark ResNet)
-BASELINES: dict[str, tuple[Rows, ...]] = {
+BASELINES: dict[str, Preset] = {
     "torchvision init (the presets)": UNTRAINED,
     "pytorch init (lightly's)": UNTRAINED_PINIT,
 }
 
 METHODS: dict[str, Bar] = {
-    "simclr": Bar(2, _cifar_rows("simclr"), UNTRAINED, 0.365),
-    "byol": Bar(
-        4,
-        # the preset runs each view in its own pass since 9a367f8 (the code default); 'byol' rows
-        # before it ran both views in one pass, 'byol-perview' measured the current preset
-        (Rows("byol-perview", ("method.view_passes=separate",)), *_cifar_rows("byol", "2026-11-29T11:48:54")),
-        UNTRAINED,
-        0.365,
-        0.381,
-        "lightly",
-    ),
-    "simsiam": Bar(4, _cifar_rows("simsiam"), UNTRAINED, 0.365, 0.383, "lightly"),
-    "swav": Bar(
-        4,
-        # one epoch without the queue since 2d2151b; 'swav-noqueue' measured that before the change
-        (Rows("swav-noqueue", ("method.queue_length=0",)), *_cifar_rows("swav", "2026-11-29T05:50:38")),
-        UNTRAINED,
-        0.365,
-        0.388,
-        "lightly",
-    ),
-    "dino": Bar(
-        4,
-        # batch norm in the head since 6399d61; 'dino-headbn' measured that before the change
-        (Rows("dino-headbn", ("method.head_norm=bn",)), *_cifar_rows("dino", "2026-11-29T04:29:08")),
-        UNTRAINED,
-        0.365,
-        0.339,
-        "lightly",
-    ),
-    "deepcluster": Bar(4, _cifar_rows("deepcluster"), _cifar_rows("untrained-sobel"), 0.3455),
-    "dino-vit": Bar(
-        4,
-        (Rows("dino-vit", epochs=4),),  # starts slowly: the issue's four-times budget
-        (Rows("untrained-vit"),),
-        0.2964,
-        why="ViT, four epochs",
-    ),
-    "cpc": Bar(
-        5,
-        # rows 1-5 below since dc90a3a; 'cpc-k1' measured that before the change
-        (Rows("cpc-k1", ("method.min_step=1",)), *_cifar_rows("cpc", "2026-11-29T12:30:29")),
-        _cifar_rows("untrained-cpc"),
-        0.359,
-    ),
-    "cmc": Bar(5, _cifar_rows("cmc"), _cifar_rows("untrained-cmc"), 0.373),
-    "cmc-4x": Bar(
-        5,
-        (Rows("cmc", epochs=4),),
-        _cifar_rows("untrained-cmc"),
-        0.373,
-        why="four epochs (owner's decision pending)",
-    ),
+    "simclr": Bar(2, Preset("simclr"), UNTRAINED, 0.365),
+    "byol": Bar(4, Preset("byol"), UNTRAINED, 0.365, 0.381, "lightly"),
+    "simsiam": Bar(4, Preset("simsiam"), UNTRAINED, 0.365, 0.383, "lightly"),
+    "swav": Bar(4, Preset("swav"), UNTRAINED, 0.365, 0.388, "lightly"),
+    "dino": Bar(4, Preset("dino"), UNTRAINED, 0.365, 0.339, "lightly"),
+    "deepcluster": Bar(4, Preset("deepcluster"), Preset("deepcluster"), 0.3455),
+    "dino-vit": Bar(4, Preset("dino-vit", epochs=4), Preset("dino-vit"), 0.2964, why="ViT, four epochs"),
+    "cpc": Bar(5, Preset("cpc"), Preset("cpc"), 0.359),
+    "cmc": Bar(5, Preset("cmc"), Preset("cmc"), 0.373),
+    "cmc-4x": Bar(5, Preset("cmc", epochs=4), Preset("cmc"), 0.373, why="four epochs (owner's decision pending)"),
 }
 
 
-# Not presets: the same bars for settings under test (bench/gpu_jobs/simsiam-lightly.txt), each paired
-# with the untrained backbone of its own initialisation.
+# Not presets: the same bars for settings under test (bench/notes/gpu_jobs/simsiam-lightly.txt), each
+# paired with the untrained backbone of its own initialisation.
+_NOT_PRESET = "one epoch, not a preset"
 VARIANTS: dict[str, Bar] = {
-    "simsiam, pytorch init": Bar(
-        4,
-        (Rows("simsiam-pi-gpu", _PINIT),),
-        UNTRAINED_PINIT,
-        0.365,
-        0.383,
-        "lightly",
-        "one epoch, not a preset",
-    ),
+    "simsiam, pytorch init": Bar(4, Preset("simsiam", _PINIT), UNTRAINED_PINIT, 0.365, 0.383, "lightly", _NOT_PRESET),
     "simsiam, lightly's settings and init": Bar(
-        4,
-        (Rows("simsiam-li-gpu", LIGHTLY_SIMSIAM + _PINIT),),
-        UNTRAINED_PINIT,
-        0.365,
-        0.383,
-        "lightly",
-        "one epoch, not a preset",
+        4, Preset("simsiam", LIGHTLY_SIMSIAM + _PINIT), UNTRAINED_PINIT, 0.365, 0.383, "lightly", _NOT_PRESET
     ),
     "simsiam, lightly's settings": Bar(
-        4, (Rows("simsiam-lb-gpu", LIGHTLY_SIMSIAM),), UNTRAINED, 0.365, 0.383, "lightly", "one epoch, not a preset"
+        4, Preset("simsiam", LIGHTLY_SIMSIAM), UNTRAINED, 0.365, 0.383, "lightly", _NOT_PRESET
     ),
-    "swav, pytorch init": Bar(
-        4,
-        (Rows("swav-pi-gpu", _PINIT),),
-        UNTRAINED_PINIT,
-        0.365,
-        0.388,
-        "lightly",
-        "one epoch, not a preset",
-    ),
+    "swav, pytorch init": Bar(4, Preset("swav", _PINIT), UNTRAINED_PINIT, 0.365, 0.388, "lightly", _NOT_PRESET),
 }
 
 
-def select(rows: list[dict[str, Any]], wanted: tuple[Rows, ...]) -> dict[int, list[float]]:
-    """kNN top-1 of the matching rows by seed, in the order measured (a seed run on two devices has two)."""
-    found: list[tuple[str, int, float]] = []
-    for r in rows:
-        for w in wanted:
-            if (
-                r["method"] == w.method
-                and float(r["epochs"]) == float(w.epochs)
-                and tuple(r.get("overrides") or ()) == w.overrides
-                and r.get("when", "") >= w.since
-            ):
-                found.append((r.get("when", ""), int(r["seed"]), float(r["knn_top1"])))
+def select(rows: list[dict[str, Any]], preset: Preset, trained: bool = True) -> dict[int, list[float]]:
+    """kNN top-1 by seed of the rows with the preset's hash, trained or untrained (``steps`` 0), in the
+    order measured (a seed run on two devices has two)."""
+    wanted = preset.hashes()
+    found = sorted(
+        (r.get("when", ""), int(r["seed"]), float(r["knn_top1"]))
+        for r in rows
+        if r.get("recipe_hash") in wanted and (int(r.get("steps", 0)) > 0) == trained
+    )
     by_seed: dict[int, list[float]] = {}
-    for _, seed, value in sorted(found):
+    for _, seed, value in found:
         by_seed.setdefault(seed, []).append(value)
     return dict(sorted(by_seed.items()))
 
@@ -195,9 +135,9 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for name, bar in {**METHODS, **VARIANTS}.items():
-        runs = select(rows, bar.rows)
+        runs = select(rows, bar.preset)
         knn = per_seed(runs)
-        base = per_seed(select(rows, bar.baseline))
+        base = per_seed(select(rows, bar.baseline, trained=False))
         gains = [knn[s] - base[s] for s in knn if s in base]
         mean, sd = _mean_sd(list(knn.values()))
         gain, gain_sd = _mean_sd(gains)
@@ -205,6 +145,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "method": name,
                 "issue": bar.issue,
+                "recipe": bar.preset.recipe,
+                "overrides": list(bar.preset.overrides),
+                "recipe_hashes": sorted(bar.preset.hashes()),
                 "budget": bar.why or "one epoch",
                 "seeds": list(knn),
                 "knn_by_seed": knn,
@@ -278,7 +221,7 @@ def main() -> None:
     summary = summarise(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bars.json").write_text(json.dumps(summary, indent=2) + "\n")
-    baselines = {label: select(rows, wanted) for label, wanted in BASELINES.items()}
+    baselines = {label: select(rows, preset, trained=False) for label, preset in BASELINES.items()}
     (args.out / "bars.md").write_text(markdown(summary, baselines))
     print((args.out / "bars.md").read_text(), end="")
 

@@ -4,7 +4,7 @@
 # bf16/fp32 speed table. Logs and results go to $OUT.
 #
 #   OUT=/tmp/out DEADLINE=400 bash bench/gpu_check.sh cmc:0 untrained-cmc:0 deepcluster:0 swav:2
-#   OUT=/tmp/out DEADLINE=540 JOBS=bench/gpu_jobs/simsiam-lightly.txt RESUME="simclr swav" bash bench/gpu_check.sh
+#   OUT=/tmp/out DEADLINE=540 JOBS=bench/notes/gpu_jobs/simsiam-lightly.txt RESUME="simclr swav" bash bench/gpu_check.sh
 #
 # A job on the command line is recipe:seed (row <recipe>$SUFFIX) or untrained-<recipe>:seed (the
 # recipe's untrained encoder). JOBS: a file of further jobs, one per line, "row recipe seed

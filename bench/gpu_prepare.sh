@@ -11,7 +11,7 @@
 # then, on the device (carry [".dev"]), for example:
 #
 #   DATA=.dev/cifar10 WHEELS=.dev/wheels OUT=$OUT DEADLINE=540 \
-#     JOBS=bench/gpu_jobs/simsiam-lightly.txt RESUME="simclr swav" bash bench/gpu_check.sh
+#     JOBS=bench/notes/gpu_jobs/simsiam-lightly.txt RESUME="simclr swav" bash bench/gpu_check.sh
 #
 # Do not add huggingface_hub: a newer wheel than the machine's needs packages it lacks, and its own
 # version satisfies datasets.

@@ -7,7 +7,10 @@ to the test split.  ``untrained`` scores the randomly initialised backbone of th
     python bench/quality.py simclr untrained --seed 0
     python bench/quality.py moco-v2 --epochs 4            # a method that starts slowly
 
-Results are merged into bench/results/quality.json and the table bench/results/quality.md.
+Results are merged into bench/results/quality.json and the table bench/results/quality.md.  Each
+row carries ``recipe_hash``, the fingerprint of the resolved recipe the run used (as saved in its
+run folder, so with the precision it really ran in; see ``_common.recipe_hash``): ``bench/bars.py``
+selects rows by it.
 """
 
 from __future__ import annotations
@@ -18,27 +21,37 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import CIFAR, ROOT, environment, markdown_table, merge_results, metric_rows
+from _common import (
+    CIFAR,
+    ROOT,
+    environment,
+    markdown_table,
+    merge_results,
+    metric_rows,
+    quality_overrides,
+    recipe_hash,
+)
 from rich.console import Console
 
-from clcli.assemble import prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.evaluate.protocols import knn_eval
 from clcli.recipe import load_recipe
+from clcli.train import pretrain
 
 RESULTS = ROOT / "bench" / "results"
 
 
 def budget_overrides(args: argparse.Namespace) -> list[str]:
-    return [
-        f"data.source={args.data / 'train.parquet'}",
-        f"trainer.epochs={args.epochs}",
-        f"trainer.batch_size={args.batch}",
-        f"trainer.precision={args.precision}",
-        f"seed={args.seed}",
-        f"data.num_workers={args.workers}",
-        "trainer.checkpoint_every=100000",
-        "trainer.log_every=20",
-    ]
+    return quality_overrides(
+        args.data,
+        epochs=args.epochs,
+        batch=args.batch,
+        precision=args.precision,
+        seed=args.seed,
+        k=args.k,
+        temperature=args.temperature,
+        workers=args.workers,
+    )
 
 
 def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
@@ -58,7 +71,7 @@ def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
         summary = pretrain(recipe, run_dir, console=console, show_progress=args.progress)
         train_seconds = time.perf_counter() - start
         steps = summary["steps"]
-    used = load_recipe(run_dir / "recipe.yaml").trainer.precision  # bf16 -> fp32 on a CPU without bf16
+    ran = load_recipe(run_dir / "recipe.yaml")  # the resolved recipe as run: bf16 -> fp32 on a CPU without bf16
     logged = metric_rows(run_dir) if steps else []
     last_log = next((r for r in reversed(logged) if "loss" in r), {})  # e.g. SimSiam's collapse metric, SwAV's entropy
     result = knn_eval(
@@ -83,7 +96,7 @@ def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
         "backbone": recipe.model.backbone.name,
         "epochs": args.epochs,
         "batch": args.batch,
-        "precision": used,
+        "precision": ran.trainer.precision,
         "seed": args.seed,
         "steps": steps,
         "knn_top1": result["top1"],
@@ -92,6 +105,7 @@ def run_one(name: str, args: argparse.Namespace, console: Console) -> dict:
         "temperature": args.temperature,
         "train_seconds": round(train_seconds, 1),
         "overrides": list(args.set or []),
+        "recipe_hash": recipe_hash(ran),
         "last_log": last_log,
         **zeroshot_row,
         **environment(),
@@ -121,7 +135,7 @@ def main() -> None:
     for name in args.methods:
         row = run_one(name, args, console)
         console.print(json.dumps({k: row[k] for k in ("method", "epochs", "seed", "knn_top1", "train_seconds")}))
-        key = ("method", "epochs", "batch", "precision", "seed", "overrides")
+        key = ("method", "epochs", "batch", "precision", "seed", "overrides", "recipe_hash")
         rows = merge_results(RESULTS / "quality.json", [row], key)
         cols = [
             "method",

@@ -12,7 +12,8 @@ it on small models).  On CUDA they hold only with ``trainer.deterministic=true``
     python bench/resume_check.py simclr swav --device cuda
     python bench/resume_check.py simclr swav --device cuda --set trainer.deterministic=true
 
-Results are merged into bench/results/resume.json and the table bench/results/resume.md.
+Results are merged into bench/results/resume.json and the table bench/results/resume.md; each row
+carries the ``recipe_hash`` of the resolved recipe it ran (``_common.recipe_hash``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from _common import CIFAR, ROOT, environment, markdown_table, merge_results, metric_rows
+from _common import CIFAR, ROOT, environment, markdown_table, merge_results, metric_rows, recipe_hash
 from rich.console import Console
 
 from clcli.assemble import prepare_training
@@ -76,7 +77,7 @@ def check(recipe_name: str, args: argparse.Namespace, console: Console) -> dict:
             stages.trainer.fit()
             seqs[name] = losses(tmp / name)
         stages = prepare_training(recipe, tmp / "resumed", show_progress=False)
-        used, device = stages.recipe.trainer, stages.trainer.device.type
+        used, device, hashed = stages.recipe.trainer, stages.trainer.device.type, recipe_hash(stages.recipe)
         stages.trainer.fit(stop_after=args.cut)
         del stages
         prepare_training(recipe, tmp / "resumed", resume=True, show_progress=False).trainer.fit()
@@ -96,6 +97,7 @@ def check(recipe_name: str, args: argparse.Namespace, console: Console) -> dict:
         "resume_exact": seqs["resumed"] == first,
         "resume_max_diff": max_diff(first, seqs["resumed"]),
         "overrides": list(args.set or []),
+        "recipe_hash": hashed,
         **environment(),
     }
     console.print(
@@ -121,7 +123,8 @@ def main() -> None:
         parser.error("--cut must lie between 0 and --steps")
     console = Console()
     rows = [check(m, args, console) for m in args.methods]
-    merged = merge_results(RESULTS / "resume.json", rows, ("method", "device", "precision", "deterministic"))
+    key = ("method", "device", "precision", "deterministic", "recipe_hash")
+    merged = merge_results(RESULTS / "resume.json", rows, key)
     (RESULTS / "resume.md").write_text(markdown_table(merged, COLUMNS))
     console.print(markdown_table(rows, COLUMNS))
 

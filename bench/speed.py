@@ -6,7 +6,8 @@ embedded:digits).  Compare figures as ratios within one run of this script: the 
 
     python bench/speed.py simclr --batch 128 --precision bf16 fp32 --steps 10
 
-Results are merged into bench/results/speed.json and the table bench/results/speed.md.
+Results are merged into bench/results/speed.json and the table bench/results/speed.md; each row
+carries the ``recipe_hash`` of the resolved recipe it ran (``_common.recipe_hash``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from _common import CIFAR, ROOT, environment, markdown_table, merge_results, metric_rows
+from _common import CIFAR, ROOT, environment, markdown_table, merge_results, metric_rows, recipe_hash
 from rich.console import Console
 
 from clcli.assemble import prepare_training
@@ -44,6 +45,7 @@ def measure(recipe_name: str, precision: str, args: argparse.Namespace) -> dict:
     try:
         stages = prepare_training(recipe, tmp / "run")
         used = stages.recipe.trainer.precision  # bf16 falls back to fp32 on a CPU without bf16 arithmetic
+        hashed = recipe_hash(stages.recipe)
         device = stages.trainer.device.type
         stages.trainer.fit()
         rows = metric_rows(tmp / "run")
@@ -58,6 +60,7 @@ def measure(recipe_name: str, precision: str, args: argparse.Namespace) -> dict:
         "precision": used,
         "device": device,
         "overrides": list(args.set or []),
+        "recipe_hash": hashed,
         "views_per_image": views,
         "images_per_s": round(timed["images_per_s"], 1),
         "steps_timed": args.steps,
@@ -82,7 +85,7 @@ def main() -> None:
     for row in rows:
         console.print(json.dumps({k: row[k] for k in ("method", "backbone", "batch", "precision", "images_per_s")}))
     key = ("method", "backbone", "batch", "precision", "device", "overrides")  # CPU and GPU rows side by side
-    merged = merge_results(RESULTS / "speed.json", rows, key)
+    merged = merge_results(RESULTS / "speed.json", rows, (*key, "recipe_hash"))
     cols = [*key, "views_per_image", "images_per_s", "when"]
     ordered = sorted(merged, key=lambda r: (r["method"], r["device"], r["precision"]))
     (RESULTS / "speed.md").write_text(markdown_table(ordered, cols))

@@ -27,7 +27,7 @@ def __getattr__(name: str) -> Any:  # imported lazily so that `clcli --help` sta
 
         return load_recipe
     if name == "pretrain":
-        from clcli.assemble import pretrain
+        from clcli.train import pretrain
 
         return pretrain
     raise AttributeError(f"module 'clcli' has no attribute {name!r}")

@@ -17,6 +17,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from clcli.cli_options import (
+    ActivationOpt,
+    CkptOpt,
+    DataOpt,
+    EvalCkptOpt,
+    EvalRunOpt,
+    FeaturesOpt,
+    JsonOpt,
+    OutputOpt,
+    RunOpt,
+    TestLimitOpt,
+    TestSplitOpt,
+    TrainLimitOpt,
+    TrainSplitOpt,
+    TrustOpt,
+)
+
 app = typer.Typer(
     help=(
         "Contrastive and self-supervised representation learning.\n\n"
@@ -36,8 +53,6 @@ app.add_typer(recipes_app, name="recipes")
 
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables and progress bars.")]
 
 
 def _console(as_json: bool) -> Console:
@@ -129,10 +144,10 @@ def pretrain(
     metrics.jsonl, recipe.yaml, provenance.json and checkpoints into the run folder. Ctrl-C saves a
     checkpoint and stops; --resume continues it.
     """
-    from clcli.assemble import pretrain as run_pretrain
-    from clcli.assemble import read_run_recipe
     from clcli.errors import ClcliError
     from clcli.recipe import apply_overrides, load_recipe, validate_recipe
+    from clcli.runs import read_run_recipe
+    from clcli.train import pretrain as run_pretrain
 
     overrides = list(set_ or [])
     if data is not None:
@@ -164,80 +179,6 @@ def pretrain(
 
 
 # ------------------------------------------------------------------------------------ eval
-RunOpt = Annotated[Path, typer.Option("--run", help="The run folder written by `clcli pretrain`.")]
-EvalRunOpt = Annotated[
-    Path | None,
-    typer.Option("--run", help="The run folder written by `clcli pretrain` (or give --checkpoint FILE instead)."),
-]
-CkptOpt = Annotated[
-    Path | None, typer.Option("--checkpoint", help="A checkpoint folder of the run [default: its latest].")
-]
-EvalCkptOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--checkpoint",
-        help="With --run: a checkpoint folder of the run [default: its latest]. Without --run: a pretrained CLIP "
-        "checkpoint file in the OpenAI / open_clip layout, whose image tower is evaluated on --data.",
-    ),
-]
-TrustOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-torchscript",
-        help="Allow a TorchScript archive as --checkpoint (OpenAI's .pt files). Loading one runs code stored in "
-        "the file: use only files from a source you trust.",
-    ),
-]
-ActivationOpt = Annotated[
-    str,
-    typer.Option(
-        "--activation",
-        help="MLP activation of a --checkpoint CLIP file: quick_gelu (OpenAI's models, open_clip's *-quickgelu) "
-        "or gelu (open_clip's other models).",
-    ),
-]
-DataOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--data",
-        help="Labelled data to evaluate on (same forms as pretrain --data) [default: the run's training data].",
-    ),
-]
-TrainSplitOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--train-split", help="Split whose features are the reference set [default: the recipe's data.train_split]."
-    ),
-]
-TestSplitOpt = Annotated[
-    str | None, typer.Option("--test-split", help="Split that is classified [default: the recipe's data.test_split].")
-]
-FeaturesOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--features",
-        help="backbone (pooled encoder output), embedding (the method's projected embedding) or, for kNN "
-        "with a memory-bank method (instdisc), bank: the bank of the run's training images is the reference "
-        "set and test images are embedded [default: the recipe's eval.features].",
-    ),
-]
-TrainLimitOpt = Annotated[int | None, typer.Option("--train-limit", help="Use only the first N reference images.")]
-TestLimitOpt = Annotated[int | None, typer.Option("--test-limit", help="Use only the first N test images.")]
-OutputOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--output", help="Where to write the JSON result [default: RUN/eval/<protocol>.json; none for a file]."
-    ),
-]
-
-
-def _check_features(features: str | None) -> None:
-    from clcli.errors import ClcliError
-
-    if features is not None and features not in ("backbone", "embedding", "bank"):
-        raise ClcliError(f"--features must be 'backbone', 'embedding' or 'bank', got {features!r}")
-
-
 @eval_app.command("knn")
 @user_errors
 def eval_knn(
@@ -275,7 +216,6 @@ def eval_knn(
     """
     from clcli.evaluate.protocols import knn_eval
 
-    _check_features(features)
     result = knn_eval(
         run,
         checkpoint=checkpoint,
@@ -325,7 +265,6 @@ def eval_linear(
     """
     from clcli.evaluate.protocols import linear_eval
 
-    _check_features(features)
     result = linear_eval(
         run,
         checkpoint=checkpoint,

@@ -19,10 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from clcli.assemble import build_backbone, load_run
 from clcli.errors import CheckpointError, ClcliError
+from clcli.models.backbones import build_backbone
 from clcli.recipe import BackboneConfig
 from clcli.registry import METHODS
+from clcli.runs import load_run
 
 FORMAT = "clcli-encoder-v1"
 
@@ -90,7 +91,7 @@ def load_backbone(path: str | Path) -> nn.Module:
     extra = json.loads(meta.get("extra", "{}"))
     if meta.get("kind") == "composite":
         cls = METHODS.get(meta["method"])
-        model = cls.rebuild_encoder(tensors, meta)  # type: ignore[attr-defined]
+        model = cls.rebuild_encoder(tensors, meta)
     else:
         model = build_backbone(BackboneConfig.model_validate(json.loads(meta["backbone"])))
         try:

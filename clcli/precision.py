@@ -2,17 +2,17 @@
 
 ``trainer.precision: bf16`` is a speed choice: on a GPU, and on CPUs with bf16 instructions
 (AVX512-BF16, AMX), bf16 autocast runs matrix work several times faster than fp32.  On a CPU
-without them PyTorch emulates bf16, and the same work runs tens of times *slower* than fp32 (on
-one AVX2-only machine here: 0.6 GFLOP/s in bf16 against 44 in fp32), so a bf16 preset would turn a
-minutes-long run into days.  There, bf16 falls back to fp32, and the run says so.
+without them PyTorch emulates bf16, and the same work runs tens of times *slower* than fp32, so a
+bf16 preset would turn a minutes-long run into days.  There, bf16 falls back to fp32, and the run
+says so.
 
 Whether this CPU is such a machine is measured once per process, not read from CPU flags (which
 differ by vendor and operating system): one 256 x 256 matrix product in each precision, best of
 three, and bf16 counts as slow only when it takes more than twice as long as fp32.  The outcomes
 are far apart (native bf16 several times faster than fp32, emulated bf16 tens of times slower), so
 neither call overhead nor a busy machine flips the answer; a CPU that converts to bf16 without
-native products (AVX512 without BF16) keeps the bf16 it was asked for.  The probe costs about
-0.2 s on the slow machines and well under a millisecond elsewhere.
+native products (AVX512 without BF16) keeps the bf16 it was asked for.  The probe is one small
+product per precision, a fraction of a second where bf16 is emulated.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import functools
 import time
 
 import torch
+
+from clcli.recipe import Precision, Recipe
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,7 +43,7 @@ def cpu_bf16_is_fast() -> bool:
     return best(torch.bfloat16) <= 2.0 * best(torch.float32)
 
 
-def resolve_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
+def resolve_precision(requested: Precision, device: torch.device) -> tuple[Precision, str | None]:
     """The precision to use for ``requested`` on ``device``, and why it differs (None if it does not)."""
     if requested == "bf16" and device.type == "cpu" and not cpu_bf16_is_fast():
         return "fp32", (
@@ -49,6 +51,17 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str | 
             "so trainer.precision bf16 falls back to fp32 here"
         )
     return requested, None
+
+
+def with_precision(recipe: Recipe, precision: Precision) -> Recipe:
+    """A copy of ``recipe`` whose ``trainer.precision`` is ``precision``; ``recipe`` itself is unchanged.
+
+    The copy is deep (no section is shared with ``recipe``) and the new value is validated on
+    assignment like any recipe field, so an unknown precision is a :class:`pydantic.ValidationError`.
+    """
+    changed = recipe.model_copy(deep=True)
+    changed.trainer.precision = precision
+    return changed
 
 
 def use_bf16(requested: str, device: torch.device) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -185,6 +184,9 @@ class OptimConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------ trainer
+Precision = Literal["fp32", "bf16"]
+
+
 class TrainerConfig(StrictModel):
     """The training loop.
 
@@ -200,7 +202,7 @@ class TrainerConfig(StrictModel):
     reference_epochs: float | None = Field(None, gt=0)
     batch_size: int = Field(256, ge=2)
     accumulate: int = Field(1, ge=1, description="gradient accumulation; adds no negatives to in-batch losses")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     channels_last: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, ge=1)
@@ -219,7 +221,9 @@ class EvalConfig(StrictModel):
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.1, gt=0)
     features: Literal["backbone", "embedding", "bank"] = Field(
-        "backbone", description="bank: kNN only, the method's memory bank as the reference set (InstDisc)"
+        "backbone",
+        description="bank: kNN only, the method's memory bank as the reference set; only for a method that "
+        "declares bank features (InstDisc)",
     )
     batch_size: int = Field(256, ge=1)
     linear_l2: list[float] = Field(default_factory=lambda: [10.0**e for e in range(-6, 1)])
@@ -294,10 +298,11 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], prefix
     return "\n".join(lines)
 
 
-def _method_config_class(name: str) -> type[MethodConfig]:
+def _method_class(name: str) -> Any:
+    """The method class registered as ``name`` (its ``config_class`` validates the method section)."""
     from clcli.registry import METHODS
 
-    return METHODS.get(name).config_class
+    return METHODS.get(name)
 
 
 def validate_recipe(raw: dict[str, Any]) -> Recipe:
@@ -308,15 +313,17 @@ def validate_recipe(raw: dict[str, Any]) -> Recipe:
     method_raw = raw.pop("method", {}) or {}
     problems: list[str] = []
     method_cfg: MethodConfig | None = None
+    method_cls: Any = None
     if not isinstance(method_raw, dict):
         problems.append("  method: should be a mapping with at least 'name'")
     else:
         name = method_raw.get("name", MethodConfig().name)
         try:
-            cls = _method_config_class(str(name))
+            method_cls = _method_class(str(name))
         except RecipeError as exc:
             problems.append(f"  method.name: {exc}")
         else:
+            cls = method_cls.config_class
             try:
                 method_cfg = cls.model_validate(method_raw)
             except ValidationError as exc:
@@ -326,6 +333,12 @@ def validate_recipe(raw: dict[str, Any]) -> Recipe:
     except ValidationError as exc:
         problems.append(format_validation_error(exc, Recipe))
         recipe = None
+    bank = recipe is not None and recipe.eval.features == "bank"
+    if bank and method_cls is not None and not method_cls.has_bank_features:
+        problems.append(
+            f"  eval.features: bank needs a method with a memory bank (instdisc); {name} has none "
+            "(use backbone or embedding)"
+        )
     if problems:
         raise RecipeError("invalid recipe:\n" + "\n".join(problems))
     assert recipe is not None and method_cfg is not None
@@ -405,15 +418,3 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     """Read, override and validate a recipe."""
     raw = read_recipe_file(name_or_path)
     return validate_recipe(apply_overrides(raw, overrides or []))
-
-
-def steps_for_epochs(epochs: float, steps_per_epoch: int, run_epochs: float, reference_epochs: float | None) -> int:
-    """Resolve an epoch-given schedule point to optimiser steps.
-
-    When the run is shorter than the schedule's reference length the point keeps its fraction of
-    the run; otherwise it is taken as it is.
-    """
-    scale = 1.0
-    if reference_epochs is not None and run_epochs < reference_epochs:
-        scale = run_epochs / reference_epochs
-    return int(math.floor(epochs * scale * steps_per_epoch + 0.5))

@@ -117,6 +117,7 @@ VIEWS.register("center", "clcli.views.pipelines:center_pipeline")
 VIEWS.register("cpc", "clcli.views.patches:cpc_pipeline")
 
 # Data sources are chosen by the scheme before the first colon of the spec (``hf:NAME``);
-# a spec with no registered scheme is a local path.  Factories take (spec, split, **columns).
-SOURCES.register("embedded", "clcli.data.sources:open_source")
-SOURCES.register("hf", "clcli.data.sources:open_source")
+# a spec with no registered scheme, or one that names an existing path, is a local path.  Factories
+# are called as factory(spec, split, image_column=..., label_column=..., text_column=..., streaming=...).
+SOURCES.register("embedded", "clcli.data.embedded:open_embedded")
+SOURCES.register("hf", "clcli.data.hub:open_hub")

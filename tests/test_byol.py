@@ -8,36 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.errors import RecipeError
 from clcli.losses import byol_loss
 from clcli.methods.base import Batch
 from clcli.methods.momentum import momentum_schedule
 from clcli.recipe import load_recipe
 
-from .helpers import losses
-
-TINY = [
-    "model.backbone.name=convnet",
-    "model.backbone.width=8",
-    "views.groups.0.size=8",
-    "views.groups.1.size=8",
-    "views.eval_size=8",
-    "method.projector=[32, 16]",
-    "method.predictor=[32, 16]",
-    "trainer.batch_size=32",
-    "trainer.steps=6",
-    "trainer.log_every=1",
-    "trainer.checkpoint_every=100",
-    "trainer.precision=fp32",
-    "trainer.threads=1",
-    "data.limit=128",
-    "optim.warmup_epochs=0",
-]
+from .helpers import assert_exact_resume, fixed_batch, run_losses, tiny_recipe
 
 
 def tiny(*extra: str):
-    return load_recipe("byol", [*TINY, *extra])
+    return tiny_recipe("byol", *extra)
 
 
 def reference_byol(q1: np.ndarray, q2: np.ndarray, z1: np.ndarray, z2: np.ndarray) -> float:
@@ -134,25 +116,16 @@ def test_target_moves_by_the_ema_after_each_step(tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_loss_sequence_bitwise(tmp_path):
     recipe = tiny("trainer.steps=6", "trainer.checkpoint_every=2")  # 4 steps per epoch: crosses an epoch
-    pretrain(recipe, tmp_path / "full")
-    stages = prepare_training(recipe, tmp_path / "cut")
-    assert stages.trainer.fit(stop_after=3)["interrupted"]
-    pretrain(recipe, tmp_path / "cut", resume=True)
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert_exact_resume(recipe, tmp_path, stop_after=3)
 
 
 def test_a_few_steps_lower_the_loss_on_real_images(tmp_path):
     recipe = tiny(
-        "trainer.steps=15",
-        "data.limit=64",
-        "trainer.batch_size=64",
-        "optim.lr=0.1",
-        "optim.schedule=constant",
+        *fixed_batch(images=64, steps=15, lr=0.1),
         "views.groups.0.crop_scale=[0.5, 1.0]",
         "views.groups.1.crop_scale=[0.5, 1.0]",
     )
-    pretrain(recipe, tmp_path / "run")
-    seq = losses(tmp_path / "run")
+    seq = run_losses(recipe, tmp_path / "run")
     assert len(seq) == 15
     assert sum(seq[-5:]) / 5 < sum(seq[:5]) / 5 - 0.3
 

@@ -11,41 +11,23 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clcli.assemble import load_run, prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.cli import app
 from clcli.errors import ClcliError, DataError
 from clcli.evaluate.zeroshot import read_labels, zeroshot, zeroshot_classifier
 from clcli.losses import clip_contrastive
 from clcli.models.text import TextTransformer
 from clcli.recipe import load_recipe
+from clcli.runs import load_run
 from clcli.text import CIFAR10_TEMPLATES, IMAGENET_TEMPLATES, CaptionTokenizer, load_templates
+from clcli.train import pretrain
 
 from .conftest import write_image
-from .helpers import CIFAR, losses
-
-CLIP_TINY = [
-    "model.backbone.name=convnet",
-    "model.backbone.width=8",
-    "views.groups.0.size=16",
-    "views.eval_size=16",
-    "method.embed_dim=32",
-    "method.text_width=32",
-    "method.text_layers=1",
-    "method.text_heads=2",
-    "method.vocab_size=300",
-    "trainer.batch_size=32",
-    "trainer.steps=6",
-    "trainer.log_every=1",
-    "trainer.checkpoint_every=100",
-    "trainer.precision=fp32",
-    "trainer.threads=1",
-    "data.limit=256",
-    "optim.warmup_epochs=0",
-]
+from .helpers import CIFAR, CIFAR_CLIP_RUN, assert_exact_resume, fixed_batch, metric_rows, run_losses, tiny_recipe
 
 
-def clip_recipe(*extra: str, name: str = "clip"):
-    return load_recipe(name, [*CLIP_TINY, *extra])
+def clip_recipe(*extra: str):
+    return tiny_recipe("clip", *extra)
 
 
 # ------------------------------------------------------------------------------------ loss
@@ -221,19 +203,14 @@ def test_read_labels(tmp_path):
 # ---------------------------------------------------------------------------------- method
 def test_clip_learns_on_real_images_and_keeps_the_temperature_clipped(tmp_path):
     recipe = clip_recipe(
-        "trainer.steps=20",
-        "data.limit=48",
-        "trainer.batch_size=48",
-        "optim.lr=3e-3",
-        "optim.schedule=constant",
+        *fixed_batch(images=48, steps=20, lr=3e-3),
         "views.groups.0.crop_scale=[0.8, 1.0]",
         "method.max_logit_scale=20",
     )
-    pretrain(recipe, tmp_path / "run")
-    seq = losses(tmp_path / "run")
+    seq = run_losses(recipe, tmp_path / "run")
     assert len(seq) == 20
     assert sum(seq[-5:]) / 5 < sum(seq[:5]) / 5 - 0.3
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path / "run")
     assert all(r["logit_scale"] <= 20 + 1e-4 for r in rows)
     _, method, _ = load_run(tmp_path / "run")
     assert method.logit_scale.item() <= math.log(20) + 1e-6
@@ -261,11 +238,7 @@ def test_templated_captions_and_the_tokenizer_survive_a_reload(tmp_path):
 
 def test_exact_resume_with_templated_captions(tmp_path):
     recipe = clip_recipe("trainer.steps=5", "trainer.checkpoint_every=2", "method.caption_templates=cifar10")
-    pretrain(recipe, tmp_path / "full")
-    stages = prepare_training(recipe, tmp_path / "cut")
-    stages.trainer.fit(stop_after=2)
-    pretrain(recipe, tmp_path / "cut", resume=True)
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert_exact_resume(recipe, tmp_path, stop_after=2)
 
 
 def test_captions_from_txt_files_and_from_a_text_column(tmp_path, image_tree, hub_folder):
@@ -327,6 +300,9 @@ def test_zeroshot_classifier_is_the_renormalised_mean_of_normalised_prompt_embed
 def test_zeroshot_on_labelled_data_and_on_a_folder(digits_run, tmp_path):
     res = zeroshot(digits_run, data="embedded:digits", templates="simple", limit=50)
     assert res["matched"] == "by name" and res["images"] == 50 and 0 <= res["top1"] <= res["top5"] <= 1
+    # the overall score is the per-class scores weighted by their images
+    assert sum(r["images"] for r in res["per_class"]) == 50
+    assert res["top1"] == pytest.approx(sum(r["top1"] * r["images"] for r in res["per_class"]) / 50)
     assert [r["class"] for r in res["per_class"]] == [str(k) for k in range(10)]
     assert (digits_run / "eval" / "zeroshot.json").is_file()
     for k in range(3):
@@ -382,9 +358,7 @@ def test_cli_zeroshot_bad_inputs_exit_2_with_a_message(digits_run, tmp_path):
 
 
 def test_zeroshot_refuses_a_run_without_a_text_tower(tmp_path):
-    from .helpers import tiny_recipe
-
-    pretrain(tiny_recipe("trainer.steps=1"), tmp_path / "simclr")
+    pretrain(tiny_recipe("simclr", "trainer.steps=1"), tmp_path / "simclr")
     write_image(tmp_path / "img.png")
     result = invoke("zeroshot", "--run", tmp_path / "simclr", "--labels", "a,b", "--images", tmp_path / "img.png")
     assert result.exit_code == 2 and "no text tower" in result.output
@@ -395,13 +369,7 @@ def test_zeroshot_refuses_a_run_without_a_text_tower(tmp_path):
 def test_small_clip_on_cifar10_zero_shot_with_the_18_template_ensemble_beats_chance(tmp_path):
     recipe = clip_recipe(
         f"data.source={CIFAR}",
-        "data.limit=1536",
-        "trainer.batch_size=128",
-        "trainer.steps=48",
-        "trainer.log_every=8",
-        "optim.lr=2e-3",
-        "optim.lr_scaling=none",
-        "optim.warmup_epochs=0.2",
+        *CIFAR_CLIP_RUN,
         "method.embed_dim=64",
         "method.text_width=64",
         "method.vocab_size=512",

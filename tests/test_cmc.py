@@ -9,38 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import build_method, limit_source, load_run, open_data, prepare_training, pretrain
-from clcli.engine.trainer import make_plan
+from clcli.assemble import build_method
+from clcli.data.sources import limit_source, open_data
 from clcli.errors import RecipeError
-from clcli.export import export_run, load_backbone
 from clcli.losses import cmc_softmax, instdisc_nce
 from clcli.methods.base import Batch
-from clcli.recipe import load_recipe
+from clcli.schedules import make_plan
 from clcli.views.color import LAB_RANGE, normalize_lab, rgb_to_lab
 from clcli.views.pipelines import eval_pipeline
 
-from .helpers import CIFAR, losses
-
-TINY = [
-    "model.backbone.name=convnet",
-    "model.backbone.width=8",
-    "views.groups.0.size=16",
-    "views.eval_size=16",
-    "method.nce_k=32",
-    "method.embedding_dim=16",
-    "trainer.batch_size=16",
-    "trainer.steps=6",
-    "trainer.log_every=1",
-    "trainer.checkpoint_every=100",
-    "trainer.precision=fp32",
-    "trainer.threads=1",
-    "data.limit=64",
-    "optim.warmup_epochs=0",
-]
+from .helpers import CIFAR, assert_exact_resume, fixed_batch, run_losses, tiny_recipe, trained_and_exported
 
 
 def tiny(*extra: str):
-    return load_recipe("cmc", [*TINY, *extra])
+    return tiny_recipe("cmc", *extra)
 
 
 def build(recipe, n: int = 64):
@@ -274,11 +256,8 @@ def test_bad_recipes_give_clear_errors():
 @pytest.mark.parametrize("form", ["nce", "softmax"])
 def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path, form):
     recipe = tiny(f"method.loss={form}", "method.bank_init=encoded", "trainer.steps=6", "data.limit=48")
-    pretrain(recipe, tmp_path / "full")
-    stages = prepare_training(recipe, tmp_path / "cut")
-    assert stages.trainer.fit(stop_after=4)["interrupted"]  # across an epoch boundary (3 steps per epoch)
-    pretrain(recipe, tmp_path / "cut", resume=True)
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    # across an epoch boundary (3 steps per epoch)
+    assert_exact_resume(recipe, tmp_path, stop_after=4)
 
 
 @pytest.mark.skipif(not (CIFAR / "train.parquet").exists(), reason=f"CIFAR-10 parquet not found in {CIFAR}")
@@ -288,26 +267,17 @@ def test_steps_lower_the_loss_on_real_colour_images(tmp_path, form):
     recipe = tiny(
         f"data.source={CIFAR / 'train.parquet'}",
         f"method.loss={form}",
-        "data.limit=32",
-        "trainer.batch_size=32",
-        "trainer.steps=20",
-        "optim.lr=0.1",
-        "optim.schedule=constant",
+        *fixed_batch(images=32, steps=20, lr=0.1),
         "method.nce_k=64",
         "views.groups.0.crop_scale=[0.6, 1.0]",
     )
-    pretrain(recipe, tmp_path / "run")
-    seq = losses(tmp_path / "run")
+    seq = run_losses(recipe, tmp_path / "run")
     assert sum(seq[-4:]) / 4 < sum(seq[2:6]) / 4 - 0.2
 
 
 def test_export_rebuilds_both_encoders_and_gives_the_same_features(tmp_path):
-    recipe = tiny("trainer.steps=2")
-    pretrain(recipe, tmp_path / "run")
-    info = export_run(tmp_path / "run", tmp_path / "cmc.safetensors")
+    info, method, encoder = trained_and_exported(tiny("trainer.steps=2"), tmp_path)
     assert info["kind"] == "composite"
-    _, method, _ = load_run(tmp_path / "run", device=torch.device("cpu"))
-    encoder = load_backbone(tmp_path / "cmc.safetensors")
     x = torch.rand(3, 3, 16, 16)
     with torch.no_grad():
         want = method.features(x)

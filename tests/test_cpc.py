@@ -9,42 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import build_method, load_run, prepare_training, pretrain
-from clcli.engine.trainer import make_plan
+from clcli.assemble import build_method
 from clcli.errors import RecipeError
-from clcli.export import export_run, load_backbone
 from clcli.losses import cpc_infonce
 from clcli.methods.base import Batch
 from clcli.methods.cpc import ContextNetwork, MaskedConv2d, orient
 from clcli.recipe import load_recipe
+from clcli.schedules import make_plan
 from clcli.views.patches import CPCPatches, grid_positions, grid_size, patch_grid
 
-from .helpers import losses
-
-TINY = [
-    "views.groups.0.size=16",
-    "views.groups.0.patch_size=4",
-    "views.groups.0.patch_stride=2",
-    "views.groups.0.crop_scale=[0.8, 1.0]",
-    "views.eval_size=16",
-    "method.encoder_width=4",
-    "method.encoder_stages=2",
-    "method.context_blocks=1",
-    "method.steps=2",
-    "method.min_step=1",
-    "trainer.batch_size=16",
-    "trainer.steps=6",
-    "trainer.log_every=1",
-    "trainer.checkpoint_every=100",
-    "trainer.precision=fp32",
-    "trainer.threads=1",
-    "data.limit=64",
-    "optim.warmup_epochs=0",
-]
+from .helpers import assert_exact_resume, fixed_batch, run_losses, tiny_recipe, trained_and_exported
 
 
 def tiny(*extra: str):
-    return load_recipe("cpc", [*TINY, *extra])
+    return tiny_recipe("cpc", *extra)
 
 
 def coordinate_image(size: int) -> torch.Tensor:
@@ -52,6 +30,21 @@ def coordinate_image(size: int) -> torch.Tensor:
     rows = torch.arange(size).view(size, 1).expand(size, size)
     cols = torch.arange(size).view(1, size).expand(size, size)
     return torch.stack([rows, cols, torch.full_like(rows, 7)]).to(torch.uint8)
+
+
+def without_randomness(group, patch_jitter: int = 0):
+    """The view group with its crop, flip and colour changes off; patches jittered by ``patch_jitter`` pixels."""
+    return group.model_copy(
+        update={
+            "crop_scale": (1.0, 1.0),
+            "crop_ratio": (1.0, 1.0),
+            "hflip_p": 0.0,
+            "patch_jitter": patch_jitter,
+            "jitter_p": 0.0,
+            "grayscale_p": 0.0,
+            "patch_color_drop_p": 0.0,
+        }
+    )
 
 
 # ------------------------------------------------------------------------------- geometry
@@ -68,17 +61,7 @@ def test_presets_cut_a_7x7_grid_of_half_overlapping_patches(recipe, size, patch,
     assert patch - stride == patch // 2  # each patch overlaps half of its neighbour
 
     # the pipeline without randomness cuts exactly these patches, in row-major order
-    plain = group.model_copy(
-        update={
-            "crop_scale": (1.0, 1.0),
-            "crop_ratio": (1.0, 1.0),
-            "hflip_p": 0.0,
-            "patch_jitter": 0,
-            "jitter_p": 0.0,
-            "grayscale_p": 0.0,
-            "patch_color_drop_p": 0.0,
-        }
-    )
+    plain = without_randomness(group)
     image = coordinate_image(size)
     patches = CPCPatches(plain)(image)
     assert patches.shape == (49, 3, patch, patch) and patches.dtype == torch.uint8
@@ -93,20 +76,7 @@ def test_presets_cut_a_7x7_grid_of_half_overlapping_patches(recipe, size, patch,
 
 
 def test_patchwise_augmentation_stays_on_the_grid_and_is_per_patch():
-    group = (
-        load_recipe("cpc")
-        .views.groups[0]
-        .model_copy(
-            update={
-                "crop_scale": (1.0, 1.0),
-                "crop_ratio": (1.0, 1.0),
-                "hflip_p": 0.0,
-                "patch_jitter": 2,
-                "jitter_p": 0.0,
-                "grayscale_p": 0.0,
-            }
-        )
-    )
+    group = without_randomness(load_recipe("cpc").views.groups[0], patch_jitter=2)
     image = coordinate_image(32)
     torch.manual_seed(0)
     patches = CPCPatches(group)(image)
@@ -268,35 +238,22 @@ def test_bad_recipes_give_clear_errors():
 # -------------------------------------------------------------------- training and export
 def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path):
     recipe = tiny("trainer.steps=5", "trainer.checkpoint_every=2", "method.directions=[top_down, left_right]")
-    pretrain(recipe, tmp_path / "full")
-    stages = prepare_training(recipe, tmp_path / "cut")
-    assert stages.trainer.fit(stop_after=2)["interrupted"]
-    pretrain(recipe, tmp_path / "cut", resume=True)
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert_exact_resume(recipe, tmp_path, stop_after=2)
 
 
 def test_steps_lower_the_loss_on_real_images(tmp_path):
     recipe = tiny(
-        "trainer.steps=25",
-        "data.limit=32",
-        "trainer.batch_size=32",
-        "optim.lr=3e-3",
-        "optim.schedule=constant",
+        *fixed_batch(images=32, steps=25, lr=3e-3),
         "method.encoder_width=8",
     )
-    pretrain(recipe, tmp_path / "run")
-    seq = losses(tmp_path / "run")
+    seq = run_losses(recipe, tmp_path / "run")
     assert seq[0] == pytest.approx(math.log(32 * 49), abs=0.5)  # chance: one of the batch's 1,568 patches
     assert sum(seq[-5:]) / 5 < sum(seq[:5]) / 5 - 0.3
 
 
 def test_export_rebuilds_the_patch_grid_encoder_with_the_same_features(tmp_path):
-    recipe = tiny("trainer.steps=2")
-    pretrain(recipe, tmp_path / "run")
-    info = export_run(tmp_path / "run", tmp_path / "cpc.safetensors")
+    info, method, encoder = trained_and_exported(tiny("trainer.steps=2"), tmp_path)
     assert info["kind"] == "composite"
-    _, method, _ = load_run(tmp_path / "run", device=torch.device("cpu"))
-    encoder = load_backbone(tmp_path / "cpc.safetensors")
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         want = method.features(x)
@@ -313,7 +270,7 @@ def test_export_rebuilds_the_patch_grid_encoder_with_the_same_features(tmp_path)
 
 # ------------------------------------------------------------------------------- helpers
 def _digits(recipe):
-    from clcli.assemble import limit_source, open_data
+    from clcli.data.sources import limit_source, open_data
 
     return limit_source(open_data(recipe.data.source, recipe.data.train_split, recipe.data), recipe.data.limit)
 

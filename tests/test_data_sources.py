@@ -282,7 +282,7 @@ def test_save_to_disk_dataset_and_dict(tmp_path: Path, image_table: Any) -> None
 
 
 def test_selected_rows_are_flattened(tmp_path: Path, image_table: Any) -> None:
-    from clcli.data.sources import TableSource
+    from clcli.data.tables import TableSource
 
     picked = image_table.select([5, 0, 3])
     src = TableSource("mem", "train", picked, where="mem")

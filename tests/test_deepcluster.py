@@ -8,37 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import load_run, prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.errors import RecipeError, TrainingError
 from clcli.losses import deepcluster_loss
 from clcli.methods.base import Batch
 from clcli.methods.clustering import kmeans, normalized_mutual_info, pca_whitening
 from clcli.methods.deepcluster import SobelFilter, uniform_cluster_order
 from clcli.recipe import load_recipe
+from clcli.runs import load_run
+from clcli.train import pretrain
 from clcli.views import ViewMaker, normalize_batch
 
-from .helpers import losses, metric_rows
-
-TINY = [
-    "model.backbone.name=convnet",
-    "model.backbone.width=8",
-    "views.groups.0.size=8",
-    "views.eval_size=8",
-    "method.num_clusters=8",
-    "method.pca_dim=16",
-    "method.kmeans_iters=5",
-    "trainer.batch_size=32",
-    "trainer.steps=7",
-    "trainer.log_every=1",
-    "trainer.checkpoint_every=100",
-    "trainer.precision=fp32",
-    "trainer.threads=1",
-    "data.limit=96",  # 3 steps per epoch
-]
+from .helpers import losses, metric_rows, tiny_recipe
 
 
 def tiny(*extra: str):
-    return load_recipe("deepcluster", [*TINY, *extra])
+    return tiny_recipe("deepcluster", *extra)
 
 
 # ------------------------------------------------------------------------------------ k-means

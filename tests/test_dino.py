@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -10,76 +9,38 @@ import pytest
 import torch
 
 import clcli.methods.dino as dino_module
-from clcli.assemble import build_backbone, open_data, prepare_training, pretrain
-from clcli.engine.trainer import make_plan
+from clcli.assemble import prepare_training
+from clcli.data.sources import open_data
 from clcli.errors import RecipeError
 from clcli.losses import dino_loss
-from clcli.methods.base import Batch, BuildContext
 from clcli.methods.dino import DINO
 from clcli.recipe import load_recipe
+from clcli.schedules import make_plan
+from clcli.train import pretrain
 from clcli.views.pipelines import eval_pipeline, normalize_batch
 
-from .helpers import CIFAR, losses, metric_rows
-
-TINY = [
-    "model.backbone.name=convnet",
-    "model.backbone.width=8",
-    "views.groups.0.size=16",
-    "views.groups.1.size=8",
-    "views.groups.1.count=2",
-    "views.eval_size=16",
-    "method.out_dim=64",
-    "method.head_hidden=32",
-    "method.head_bottleneck=16",
-    "trainer.batch_size=32",
-    "trainer.steps=6",
-    "trainer.log_every=1",
-    "trainer.checkpoint_every=100",
-    "trainer.precision=fp32",
-    "trainer.threads=1",
-    "trainer.reference_epochs=null",
-    "data.limit=256",
-    "optim.warmup_epochs=0",
-]
-TINY_VIT = [
-    "model.backbone.image_size=16",
-    "model.backbone.patch_size=4",
-    "model.backbone.dim=32",
-    "model.backbone.depth=2",
-    "model.backbone.heads=2",
-]
+from .helpers import (
+    CIFAR,
+    assert_exact_resume,
+    batch_of,
+    build_context,
+    local_crops_move_running_stats,
+    metric_rows,
+    random_views,
+    tiny_recipe,
+)
 
 
 def tiny(*extra: str, recipe: str = "dino"):
-    base = [t for t in TINY if not t.startswith("model.backbone")] + TINY_VIT if recipe == "dino-vit" else TINY
-    return load_recipe(recipe, [*base, *extra])
+    return tiny_recipe(recipe, *extra)
 
 
 def build(recipe, steps_per_epoch: int = 8, total_steps: int = 16, epochs_to_steps=None) -> DINO:
     """The method as a run would build it; ``epochs_to_steps`` defaults to unshrunk epochs."""
-    ctx = BuildContext(
-        recipe=recipe,
-        build_backbone=lambda: build_backbone(recipe.model.backbone),
-        dataset_size=256,
-        num_classes=10,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        epochs_to_steps=epochs_to_steps or (lambda e: int(math.floor(e * steps_per_epoch + 0.5))),
-        device=torch.device("cpu"),
+    ctx = build_context(
+        recipe, steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs_to_steps=epochs_to_steps
     )
     return DINO(recipe.method, ctx)
-
-
-def random_views(b: int = 8, seed: int = 0, n_local: int = 6) -> tuple[list[torch.Tensor], list[str]]:
-    g = torch.Generator().manual_seed(seed)
-    views = [torch.randn(b, 3, 16, 16, generator=g) for _ in range(2)]
-    views += [torch.randn(b, 3, 8, 8, generator=g) for _ in range(n_local)]
-    return views, ["global"] * 2 + ["local"] * n_local
-
-
-def batch_of(views: list[torch.Tensor], names: list[str]) -> Batch:
-    b = views[0].shape[0]
-    return Batch(views, names, torch.arange(b), torch.zeros(b, dtype=torch.long))
 
 
 # ------------------------------------------------------------------------------------ the loss
@@ -180,14 +141,7 @@ def test_the_teacher_output_does_not_depend_on_the_local_crops(monkeypatch):
 def test_student_running_statistics_come_from_the_global_crops_unless_asked_otherwise(all_crops):
     torch.manual_seed(0)
     method = build(tiny(f"method.all_crops_update_bn_stats={str(all_crops).lower()}")).train()
-    twin = copy.deepcopy(method)
-    views, names = random_views()
-    method.training_step(batch_of(views, names), 0)
-    twin.training_step(batch_of(views[:2] + [v * 3 + 1 for v in views[2:]], names), 0)
-    stats = [k for k in method.state_dict() if "running_" in k and not k.startswith("teacher")]
-    assert stats
-    same = all(torch.equal(method.state_dict()[k], twin.state_dict()[k]) for k in stats)
-    assert same is (not all_crops)
+    assert local_crops_move_running_stats(method, skip="teacher") is all_crops
 
 
 def test_backbones_run_once_per_resolution_group():
@@ -250,15 +204,11 @@ def test_teacher_temperature_warms_up_over_the_resolved_steps():
     )
     assert [round(method.teacher_temperature(s), 6) for s in range(6)] == [0.04, 0.0475, 0.055, 0.0625, 0.07, 0.07]
     # with a reference length, a one-epoch run's schedules keep their fraction of it ...
-    recipe = load_recipe(
-        "dino",
-        [
-            *TINY,
-            "trainer.reference_epochs=4",
-            "method.warmup_teacher_temperature_epochs=2",
-            "method.freeze_last_layer_epochs=0.5",
-            "trainer.steps=8",
-        ],
+    recipe = tiny(
+        "trainer.reference_epochs=4",
+        "method.warmup_teacher_temperature_epochs=2",
+        "method.freeze_last_layer_epochs=0.5",
+        "trainer.steps=8",
     )
     plan = make_plan(recipe, 256)
     assert plan.epochs_to_steps(2) == 4  # half of the 8-step run
@@ -328,13 +278,7 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence_bitwise(tmp_path):
         "method.warmup_teacher_temperature_epochs=0.75",
         "method.momentum_start=0.9",
     )
-    pretrain(recipe, tmp_path / "full")
-    full = losses(tmp_path / "full")
-    stages = prepare_training(recipe, tmp_path / "cut")
-    summary = stages.trainer.fit(stop_after=3)
-    assert summary["interrupted"] and summary["steps"] == 3
-    pretrain(recipe, tmp_path / "cut", resume=True)
-    assert losses(tmp_path / "cut") == full
+    assert_exact_resume(recipe, tmp_path, stop_after=3)
 
 
 @pytest.mark.parametrize("recipe", ["dino", "dino-vit"])
@@ -391,7 +335,7 @@ def test_bad_configuration_gives_clear_errors():
     with pytest.raises(RecipeError, match="method.teacher_views.*'large'"):
         build(tiny("method.teacher_views=[large]"))
     with pytest.raises(RecipeError, match="two views"):
-        build(load_recipe("dino", [*TINY, "views.groups=[{name: global, size: 16, count: 1}]"]))
+        build(tiny("views.groups=[{name: global, size: 16, count: 1}]"))
     with pytest.raises(RecipeError, match="eval_network"):
         tiny("method.eval_network=average")
 

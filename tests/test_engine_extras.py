@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch import nn
 
-from clcli.assemble import pretrain
 from clcli.engine.optim import LARS, build_optimizer, optimizer_groups
 from clcli.errors import BadImageError, TrainingError
+from clcli.evaluate.protocols import knn_eval
 from clcli.methods.base import ParamGroup
 from clcli.recipe import OptimConfig
+from clcli.train import pretrain
 
 from .conftest import write_image
-from .helpers import tiny_recipe
+from .helpers import metric_rows, tiny_recipe
 
 
 def test_bias_and_norm_parameters_get_no_decay_and_no_lars():
@@ -47,7 +46,7 @@ def test_lars_step_matches_the_trust_ratio_formula():
 def test_fixed_lr_group_keeps_the_peak_rate(tmp_path):
     from clcli.assemble import prepare_training
 
-    stages = prepare_training(tiny_recipe("trainer.steps=4", "optim.lr=0.2"), tmp_path / "run")
+    stages = prepare_training(tiny_recipe("simclr", "trainer.steps=4", "optim.lr=0.2"), tmp_path / "run")
     stages.trainer.optimizer.param_groups[0]["fixed_lr"] = True
     stages.trainer._set_hyperparameters(3)
     lrs = [g["lr"] for g in stages.trainer.optimizer.param_groups]
@@ -55,16 +54,23 @@ def test_fixed_lr_group_keeps_the_peak_rate(tmp_path):
 
 
 def test_online_knn_every_epoch(tmp_path):
-    recipe = tiny_recipe("data.limit=64", "trainer.steps=4", "trainer.online_knn_every=1")  # 2 steps per epoch
+    recipe = tiny_recipe("simclr", "data.limit=64", "trainer.steps=4", "trainer.online_knn_every=1")  # 2 steps/epoch
     pretrain(recipe, tmp_path / "run")
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    online = [r for r in rows if "online_knn_top1" in r]
-    assert [r["epoch"] for r in online] == [1, 2]
-    assert all(0.0 <= r["online_knn_top1"] <= 1.0 for r in online)
+    online = [r for r in metric_rows(tmp_path / "run") if "online_knn_top1" in r]
+    assert [(r["epoch"], r["step"]) for r in online] == [(1, 2), (2, 4)]
+    # the last score is of the final weights: the number `clcli eval knn` gives for the run, with the
+    # training split cut to data.limit as in training and the whole test split (360 digits)
+    offline = knn_eval(tmp_path / "run", train_limit=64, show_progress=False)
+    assert (offline["train_images"], offline["test_images"]) == (64, 360)
+    assert online[-1]["online_knn_top1"] == offline["top1"]
+    for r in online:  # a count of correct test digits, well above chance (0.1)
+        assert r["online_knn_top1"] * 360 == pytest.approx(round(r["online_knn_top1"] * 360), abs=1e-6)
+        assert r["online_knn_top1"] > 0.25
 
 
 def test_training_on_a_streaming_hub_dataset(tmp_path, hf_offline, hub_folder):
     recipe = tiny_recipe(
+        "simclr",
         f"data.source=hf:{hub_folder}",
         "data.streaming=true",
         "trainer.batch_size=2",
@@ -75,7 +81,9 @@ def test_training_on_a_streaming_hub_dataset(tmp_path, hf_offline, hub_folder):
     assert summary["steps"] == 2
     with pytest.raises(TrainingError, match="trainer.steps"):
         pretrain(
-            tiny_recipe(f"data.source=hf:{hub_folder}", "data.streaming=true", "trainer.steps=null", "data.limit=null"),
+            tiny_recipe(
+                "simclr", f"data.source=hf:{hub_folder}", "data.streaming=true", "trainer.steps=null", "data.limit=null"
+            ),
             tmp_path / "run2",
         )
 
@@ -91,7 +99,7 @@ def folder_with_a_bad_image(tmp_path):
 
 def test_unreadable_image_stops_the_run_naming_the_file(tmp_path, folder_with_a_bad_image):
     recipe = tiny_recipe(
-        f"data.source={folder_with_a_bad_image}", "trainer.batch_size=8", "trainer.steps=1", "data.limit=null"
+        "simclr", f"data.source={folder_with_a_bad_image}", "trainer.batch_size=8", "trainer.steps=1", "data.limit=null"
     )
     with pytest.raises(BadImageError, match="broken.png"):
         pretrain(recipe, tmp_path / "run")
@@ -99,6 +107,7 @@ def test_unreadable_image_stops_the_run_naming_the_file(tmp_path, folder_with_a_
 
 def test_skip_bad_images_counts_and_reports_them(tmp_path, folder_with_a_bad_image):
     recipe = tiny_recipe(
+        "simclr",
         f"data.source={folder_with_a_bad_image}",
         "trainer.batch_size=8",
         "trainer.steps=2",

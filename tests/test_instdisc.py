@@ -13,46 +13,28 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from clcli.assemble import build_method, load_run, prepare_training, pretrain
+from clcli.assemble import build_method, prepare_training
 from clcli.cli import app
 from clcli.data import StreamSource
 from clcli.engine import checkpoint as ckpt
-from clcli.engine.trainer import make_plan
 from clcli.errors import DataError, RecipeError
 from clcli.evaluate.knn import knn_accuracy
 from clcli.losses import instdisc_nce, instdisc_nce_normaliser, instdisc_softmax
 from clcli.methods.base import Batch
-from clcli.recipe import load_recipe
 from clcli.registry import SOURCES
+from clcli.runs import load_run
+from clcli.schedules import make_plan
+from clcli.train import pretrain
 
-from .helpers import losses
-
-TINY = [
-    "model.backbone.name=convnet",
-    "model.backbone.width=8",
-    "views.groups.0.size=16",
-    "views.eval_size=16",
-    "method.embedding_dim=16",
-    "method.nce_k=32",
-    "method.loss=nce",  # the CIFAR preset's full softmax and filled bank are tested where named
-    "method.bank_init=random",
-    "trainer.batch_size=32",
-    "trainer.steps=6",
-    "trainer.log_every=1",
-    "trainer.checkpoint_every=100",
-    "trainer.precision=fp32",
-    "trainer.threads=1",
-    "data.limit=128",
-]
+from .helpers import losses, metric_rows, set_args, tiny_overrides, tiny_recipe
 
 
 def tiny(*extra: str):
-    return load_recipe("instdisc", [*TINY, *extra])
+    return tiny_recipe("instdisc", *extra)
 
 
 def metric(run_dir, key: str) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r[key] for r in rows if key in r]
+    return [r[key] for r in metric_rows(run_dir) if key in r]
 
 
 # ------------------------------------------------------------------------------ the losses
@@ -107,7 +89,7 @@ def test_nce_rejects_bad_input():
 # ------------------------------------------------------------------------- the method's step
 def build(recipe):
     plan = make_plan(recipe, recipe.data.limit)
-    from clcli.assemble import limit_source, open_data
+    from clcli.data.sources import limit_source, open_data
 
     source = limit_source(open_data(recipe.data.source, recipe.data.train_split, recipe.data), recipe.data.limit)
     return build_method(recipe, plan, source, torch.device("cpu")), source
@@ -310,7 +292,7 @@ def test_a_streaming_source_is_refused_with_a_clear_message(tmp_path, monkeypatc
         pretrain(recipe, tmp_path / "run")
     # and from the command line: one message, exit code 2
     result = CliRunner().invoke(
-        app, ["pretrain", "-r", "instdisc", *sum((["--set", s] for s in TINY), []), "--set",
+        app, ["pretrain", "-r", "instdisc", *set_args(*tiny_overrides("instdisc")), "--set",
               "data.source=teststream:x", "--out", str(tmp_path / "cli"), "--no-progress"]
     )  # fmt: skip
     assert result.exit_code == 2 and "streaming" in result.output and "Traceback" not in result.output
@@ -329,7 +311,7 @@ def _cli(*args: str):
 
 def test_knn_over_the_bank_and_the_embedding_from_the_command_line(tmp_path):
     run = tmp_path / "run"
-    sets = sum((["--set", s] for s in [*TINY, "trainer.steps=4"]), [])
+    sets = set_args(*tiny_overrides("instdisc", "trainer.steps=4"))
     result = _cli("pretrain", "-r", "instdisc", *sets, "--out", str(run), "--json")
     assert result.exit_code == 0, result.output
 
@@ -341,8 +323,8 @@ def test_knn_over_the_bank_and_the_embedding_from_the_command_line(tmp_path):
 
     # the same vote computed here: the bank rows labelled by the training split, test images embedded
     _, method, _ = load_run(run)
-    recipe = load_recipe("instdisc", TINY)
-    from clcli.assemble import limit_source, open_data
+    recipe = tiny()
+    from clcli.data.sources import limit_source, open_data
     from clcli.evaluate.features import extract_features
 
     train = limit_source(open_data(recipe.data.source, "train", recipe.data), 128)

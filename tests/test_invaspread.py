@@ -10,24 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import build_method, limit_source, open_data
-from clcli.engine.trainer import make_plan
+from clcli.assemble import build_method
+from clcli.data.sources import limit_source, open_data
 from clcli.errors import RecipeError
 from clcli.losses import invaspread_loss, nt_xent
 from clcli.methods.base import Batch
-from clcli.recipe import load_recipe
+from clcli.schedules import make_plan
 
-TINY = [
-    "model.backbone.name=convnet",
-    "model.backbone.width=8",
-    "views.groups.0.size=16",
-    "views.eval_size=16",
-    "trainer.batch_size=32",
-    "trainer.steps=4",
-    "trainer.precision=fp32",
-    "trainer.threads=1",
-    "data.limit=64",
-]
+from .helpers import tiny_recipe
 
 
 def reference_invaspread(z1: np.ndarray, z2: np.ndarray, tau: float) -> float:
@@ -116,7 +106,7 @@ def test_loss_is_fp32_under_bf16_autocast_and_rejects_bad_shapes():
 
 
 def build(*extra: str):
-    recipe = load_recipe("invaspread", [*TINY, *extra])
+    recipe = tiny_recipe("invaspread", *extra)
     source = limit_source(open_data(recipe.data.source, recipe.data.train_split, recipe.data), recipe.data.limit)
     return recipe, build_method(recipe, make_plan(recipe, len(source)), source, torch.device("cpu")), source
 

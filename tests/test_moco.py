@@ -18,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-from clcli.assemble import prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.errors import ClcliError
 from clcli.losses import moco_infonce, mocov3_loss
 from clcli.methods.base import Batch
@@ -28,27 +28,15 @@ from clcli.methods.mocov3 import MoCoV3
 from clcli.methods.momentum import momentum_schedule
 from clcli.recipe import load_recipe
 
-from .helpers import TINY, losses
-
-MOCO_TINY = [*TINY, "method.queue_size=100", "method.bn_groups=4"]
-V3_TINY = [*TINY, "method.projector=[32, 16]", "method.predictor=[32, 16]", "views.groups.1.size=16"]
-VIT_TINY = [
-    *V3_TINY,
-    "model.backbone.name=vit",
-    "model.backbone.image_size=16",
-    "model.backbone.patch_size=4",
-    "model.backbone.dim=32",
-    "model.backbone.depth=2",
-    "model.backbone.heads=2",
-]
+from .helpers import assert_exact_resume, build_context, run_losses, tiny_recipe
 
 
 def moco_recipe(*extra: str, name: str = "moco-v2"):
-    return load_recipe(name, [*MOCO_TINY, *extra])
+    return tiny_recipe(name, *extra)
 
 
 def v3_recipe(*extra: str, name: str = "moco-v3"):
-    return load_recipe(name, [*(VIT_TINY if name == "moco-v3-vit" else V3_TINY), *extra])
+    return tiny_recipe(name, *extra)
 
 
 def first_batch(stages) -> Batch:
@@ -213,7 +201,7 @@ def test_no_gradient_reaches_the_key_encoder_and_a_step_moves_it_by_the_ema_form
 
 
 def test_momentum_schedules():
-    cfg = load_recipe("moco-v3", V3_TINY).method
+    cfg = v3_recipe().method
     assert (cfg.momentum, cfg.momentum_end) == (0.99, 1.0)
     s = momentum_schedule(0.99, 1.0, 100)
     assert s(0) == pytest.approx(0.99) and s(50) == pytest.approx(0.995) and s(100) == 1.0 and s(150) == 1.0
@@ -320,13 +308,14 @@ def _dist_keys_worker(rank: int, world: int, store: str, x_global: torch.Tensor,
 
 
 def _dist_method() -> MoCo:
-    from clcli.methods.base import BuildContext
     from clcli.models.backbones import ConvNet
 
     recipe = moco_recipe("method.bn_groups=4", "trainer.batch_size=16")
     torch.manual_seed(0)
     backbone = ConvNet(width=8)
-    ctx = BuildContext(recipe, lambda: copy.deepcopy(backbone), 256, 10, 16, 100, lambda e: 0, torch.device("cpu"))
+    ctx = build_context(
+        recipe, lambda: copy.deepcopy(backbone), steps_per_epoch=16, total_steps=100, epochs_to_steps=lambda e: 0
+    )
     return MoCo(recipe.method, ctx)
 
 
@@ -409,13 +398,7 @@ def test_resume_with_queue_and_momentum_encoder_reproduces_the_loss_sequence_bit
     recipe = (moco_recipe if name.startswith("moco-v2") else v3_recipe)(
         *extra, "trainer.steps=7", "trainer.checkpoint_every=2"
     )
-    pretrain(recipe, tmp_path / "full")
-    full = losses(tmp_path / "full")
-    stages = prepare_training(recipe, tmp_path / "cut")
-    summary = stages.trainer.fit(stop_after=3)
-    assert summary["interrupted"] and summary["steps"] == 3
-    pretrain(recipe, tmp_path / "cut", resume=True)
-    assert losses(tmp_path / "cut") == full
+    assert_exact_resume(recipe, tmp_path, stop_after=3)
 
 
 @pytest.mark.parametrize("name", ["moco-v1", "moco-v2", "moco-v3", "moco-v3-vit"])
@@ -439,8 +422,7 @@ def test_a_few_steps_of_each_recipe_lower_the_loss_on_real_images(tmp_path, name
             "views.groups.0.crop_scale=[0.5, 1.0]",
             name=name,
         )
-    pretrain(recipe, tmp_path / "run")
-    seq = losses(tmp_path / "run")
+    seq = run_losses(recipe, tmp_path / "run")
     start, end = sum(seq[1:4]) / 3, sum(seq[-5:]) / 5
     assert end < start - 0.15, (start, end, seq)
 

@@ -13,6 +13,8 @@ import pytest
 
 from clcli.registry import BACKBONES, METHODS
 
+from .helpers import metric_rows
+
 PLUGIN = Path(__file__).resolve().parent / "plugin_pkg"
 
 
@@ -70,7 +72,7 @@ def test_plugin_method_trains_from_the_cli(installed_plugin, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["steps"] == 3
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path / "run")
     assert {"align", "uniform"} <= set(rows[-1])
     listed = subprocess.run(
         [

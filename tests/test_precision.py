@@ -6,13 +6,15 @@ import io
 
 import pytest
 import torch
+from pydantic import ValidationError
 from rich.console import Console
 
 from clcli import precision
-from clcli.assemble import prepare_training, pretrain
-from clcli.recipe import load_recipe
+from clcli.assemble import prepare_training
+from clcli.recipe import apply_overrides, load_recipe, validate_recipe
+from clcli.train import pretrain
 
-from .helpers import losses, tiny_recipe
+from .helpers import assert_exact_resume, losses, tiny_recipe
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -44,8 +46,10 @@ def test_the_probe_is_measured_once_per_process():
 def test_a_bf16_recipe_on_a_slow_cpu_trains_exactly_as_fp32_records_it_and_says_so(tmp_path, monkeypatch):
     cpu_bf16(monkeypatch, fast=False)
     out = io.StringIO()
-    pretrain(tiny_recipe("trainer.steps=3", "trainer.precision=bf16"), tmp_path / "bf16", console=Console(file=out))
-    pretrain(tiny_recipe("trainer.steps=3", "trainer.precision=fp32"), tmp_path / "fp32")
+    pretrain(
+        tiny_recipe("simclr", "trainer.steps=3", "trainer.precision=bf16"), tmp_path / "bf16", console=Console(file=out)
+    )
+    pretrain(tiny_recipe("simclr", "trainer.steps=3", "trainer.precision=fp32"), tmp_path / "fp32")
     assert losses(tmp_path / "bf16") == losses(tmp_path / "fp32")  # bitwise: no autocast anywhere
     saved = load_recipe(tmp_path / "bf16" / "recipe.yaml")
     assert saved.trainer.precision == "fp32"  # the run folder records what ran
@@ -55,16 +59,26 @@ def test_a_bf16_recipe_on_a_slow_cpu_trains_exactly_as_fp32_records_it_and_says_
 
 def test_a_fallback_run_resumes_with_its_bf16_recipe(tmp_path, monkeypatch):
     cpu_bf16(monkeypatch, fast=False)
-    recipe = tiny_recipe("trainer.steps=4", "trainer.precision=bf16", "trainer.checkpoint_every=2")
-    pretrain(recipe, tmp_path / "full")
-    stages = prepare_training(recipe, tmp_path / "cut")
-    stages.trainer.fit(stop_after=2)
-    pretrain(recipe, tmp_path / "cut", resume=True)  # same recipe as given: no "another recipe" refusal
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    recipe = tiny_recipe("simclr", "trainer.steps=4", "trainer.precision=bf16", "trainer.checkpoint_every=2")
+    # same recipe as given: no "another recipe" refusal
+    assert_exact_resume(recipe, tmp_path, stop_after=2)
 
 
 def test_where_bf16_is_fast_the_recipe_keeps_it(tmp_path, monkeypatch):
     cpu_bf16(monkeypatch, fast=True)
-    stages = prepare_training(tiny_recipe("trainer.steps=1", "trainer.precision=bf16"), tmp_path / "run")
+    stages = prepare_training(tiny_recipe("simclr", "trainer.steps=1", "trainer.precision=bf16"), tmp_path / "run")
     assert stages.recipe.trainer.precision == "bf16"
     assert load_recipe(tmp_path / "run" / "recipe.yaml").trainer.precision == "bf16"
+
+
+def test_with_precision_returns_a_validated_copy_and_leaves_the_recipe_alone():
+    recipe = tiny_recipe("trainer.precision=bf16")
+    changed = precision.with_precision(recipe, "fp32")
+    assert changed.trainer.precision == "fp32" and recipe.trainer.precision == "bf16"
+    assert changed.trainer is not recipe.trainer and changed.method is not recipe.method
+    assert type(changed.method) is type(recipe.method)  # the method's own config class survives
+    # the same recipe as an override of the dumped recipe would give, digest included
+    overridden = validate_recipe(apply_overrides(recipe.to_dict(), ["trainer.precision=fp32"]))
+    assert changed.to_dict() == overridden.to_dict() and changed.digest() == overridden.digest()
+    with pytest.raises(ValidationError):
+        precision.with_precision(recipe, "fp16")  # type: ignore[arg-type]

@@ -3,7 +3,8 @@
 import pytest
 
 from clcli.errors import RecipeError
-from clcli.recipe import load_recipe, recipe_names, steps_for_epochs, validate_recipe
+from clcli.recipe import load_recipe, recipe_names, validate_recipe
+from clcli.schedules import steps_for_epochs
 
 
 def test_builtin_recipes_validate_and_fill_defaults():

@@ -8,36 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from clcli.assemble import build_method, limit_source, make_plan, open_data, prepare_training, pretrain
+from clcli.assemble import build_method, prepare_training
+from clcli.data.sources import limit_source, open_data
 from clcli.errors import RecipeError
 from clcli.losses import simsiam_loss
 from clcli.methods.base import Batch
 from clcli.methods.simsiam import normalized_output_std
 from clcli.recipe import load_recipe
+from clcli.schedules import make_plan
 from clcli.views import ViewMaker, normalize_batch
 
-from .helpers import losses, metric_rows
-
-TINY = [
-    "model.backbone.name=convnet",
-    "model.backbone.width=8",
-    "views.groups.0.size=8",
-    "views.eval_size=8",
-    "method.projector=[32, 32]",
-    "method.predictor=[8, 32]",
-    "trainer.batch_size=32",
-    "trainer.steps=6",
-    "trainer.log_every=1",
-    "trainer.checkpoint_every=100",
-    "trainer.precision=fp32",
-    "trainer.threads=1",
-    "data.limit=128",
-    "optim.warmup_epochs=0",
-]
+from .helpers import assert_exact_resume, metric_rows, tiny_recipe
 
 
 def tiny(*extra: str):
-    return load_recipe("simsiam", [*TINY, *extra])
+    return tiny_recipe("simsiam", *extra)
 
 
 def reference_simsiam(p1: np.ndarray, p2: np.ndarray, z1: np.ndarray, z2: np.ndarray) -> float:
@@ -188,11 +173,7 @@ def test_predictor_lr_stays_fixed_while_the_others_decay(tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_loss_sequence_bitwise(tmp_path):
     recipe = tiny("trainer.steps=6", "trainer.checkpoint_every=2")
-    pretrain(recipe, tmp_path / "full")
-    stages = prepare_training(recipe, tmp_path / "cut")
-    assert stages.trainer.fit(stop_after=3)["interrupted"]
-    pretrain(recipe, tmp_path / "cut", resume=True)
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert_exact_resume(recipe, tmp_path, stop_after=3)
     assert all("z_std" in r for r in metric_rows(tmp_path / "full") if "loss" in r)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import threading
 
@@ -12,65 +11,36 @@ import torch
 import torch.nn.functional as F
 
 import clcli.methods.swav as swav_module
-from clcli.assemble import build_backbone, prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.errors import RecipeError
 from clcli.losses import sinkhorn, swav_loss
-from clcli.methods.base import Batch, BuildContext
 from clcli.methods.swav import SwAV
 from clcli.recipe import load_recipe
+from clcli.train import pretrain
 
-from .helpers import losses, metric_rows
-
-TINY = [
-    "model.backbone.name=convnet",
-    "model.backbone.width=8",
-    "views.groups.0.size=16",
-    "views.groups.1.size=8",
-    "views.groups.1.count=2",
-    "views.eval_size=16",
-    "method.projector=[32, 16]",
-    "method.num_prototypes=24",
-    "trainer.batch_size=32",
-    "trainer.steps=6",
-    "trainer.log_every=1",
-    "trainer.checkpoint_every=100",
-    "trainer.precision=fp32",
-    "trainer.threads=1",
-    "trainer.reference_epochs=null",
-    "data.limit=256",
-    "optim.warmup_epochs=0",
-]
+from .helpers import (
+    assert_exact_resume,
+    batch_of,
+    build_context,
+    fixed_batch,
+    local_crops_move_running_stats,
+    metric_rows,
+    random_views,
+    run_losses,
+    tiny_recipe,
+)
 
 
 def tiny(*extra: str):
-    return load_recipe("swav", [*TINY, *extra])
+    return tiny_recipe("swav", *extra)
 
 
 def build(recipe, steps_per_epoch: int = 8, total_steps: int = 16, epochs_to_steps=None) -> SwAV:
     """The method as a run would build it; ``epochs_to_steps`` defaults to unshrunk epochs."""
-    ctx = BuildContext(
-        recipe=recipe,
-        build_backbone=lambda: build_backbone(recipe.model.backbone),
-        dataset_size=256,
-        num_classes=10,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        epochs_to_steps=epochs_to_steps or (lambda e: int(math.floor(e * steps_per_epoch + 0.5))),
-        device=torch.device("cpu"),
+    ctx = build_context(
+        recipe, steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs_to_steps=epochs_to_steps
     )
     return SwAV(recipe.method, ctx)
-
-
-def batch_of(views: list[torch.Tensor], names: list[str]) -> Batch:
-    b = views[0].shape[0]
-    return Batch(views, names, torch.arange(b), torch.zeros(b, dtype=torch.long))
-
-
-def random_views(b: int = 8, seed: int = 0, n_local: int = 6) -> tuple[list[torch.Tensor], list[str]]:
-    g = torch.Generator().manual_seed(seed)
-    views = [torch.randn(b, 3, 16, 16, generator=g) for _ in range(2)]
-    views += [torch.randn(b, 3, 8, 8, generator=g) for _ in range(n_local)]
-    return views, ["global"] * 2 + ["local"] * n_local
 
 
 # ------------------------------------------------------------------------------------- Sinkhorn
@@ -235,14 +205,7 @@ def test_codes_do_not_change_when_the_local_crops_are_perturbed(monkeypatch):
 def test_running_statistics_come_from_the_code_crops_unless_asked_otherwise(all_crops):
     torch.manual_seed(0)
     method = build(tiny(f"method.all_crops_update_bn_stats={str(all_crops).lower()}")).train()
-    twin = copy.deepcopy(method)
-    views, names = random_views()
-    method.training_step(batch_of(views, names), 0)
-    twin.training_step(batch_of(views[:2] + [v * 3 + 1 for v in views[2:]], names), 0)
-    stats = [k for k in method.state_dict() if "running_" in k]
-    assert stats
-    same = all(torch.equal(method.state_dict()[k], twin.state_dict()[k]) for k in stats)
-    assert same is (not all_crops)
+    assert local_crops_move_running_stats(method) is all_crops
 
 
 def test_backbone_runs_once_per_resolution_group():
@@ -349,13 +312,7 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence_bitwise(tmp_path):
         "method.queue_start_epoch=0.25",
         "method.freeze_prototypes_epochs=0.5",
     )
-    pretrain(recipe, tmp_path / "full")
-    full = losses(tmp_path / "full")
-    stages = prepare_training(recipe, tmp_path / "cut")
-    summary = stages.trainer.fit(stop_after=3)
-    assert summary["interrupted"] and summary["steps"] == 3
-    pretrain(recipe, tmp_path / "cut", resume=True)
-    assert losses(tmp_path / "cut") == full
+    assert_exact_resume(recipe, tmp_path, stop_after=3)
     assert [r["queue_used"] for r in metric_rows(tmp_path / "cut")] == [
         r["queue_used"] for r in metric_rows(tmp_path / "full")
     ]
@@ -363,15 +320,10 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence_bitwise(tmp_path):
 
 def test_a_few_steps_of_the_recipe_lower_its_loss_on_real_images(tmp_path):
     recipe = tiny(
-        "trainer.steps=12",
-        "data.limit=32",
-        "trainer.batch_size=32",
-        "optim.lr=0.2",
-        "optim.schedule=constant",
+        *fixed_batch(images=32, steps=12, lr=0.2),
         "method.freeze_prototypes_epochs=0",
     )
-    pretrain(recipe, tmp_path / "run")
-    seq = losses(tmp_path / "run")
+    seq = run_losses(recipe, tmp_path / "run")
     assert len(seq) == 12
     assert sum(seq[-3:]) / 3 < sum(seq[:3]) / 3 - 0.5
 
@@ -382,7 +334,7 @@ def test_bad_configuration_gives_clear_errors():
     with pytest.raises(RecipeError, match="at least one other view"):
         build(tiny("method.code_views=[global, local]"))
     with pytest.raises(RecipeError, match="two views"):
-        build(load_recipe("swav", [*TINY, "views.groups=[{name: global, size: 16, count: 1}]"]))
+        build(tiny("views.groups=[{name: global, size: 16, count: 1}]"))
 
 
 def test_recipes_carry_the_papers_values():

@@ -10,65 +10,53 @@ import pytest
 import torch
 
 from clcli import precision
-from clcli.assemble import load_run, prepare_training, pretrain
+from clcli.assemble import prepare_training
 from clcli.engine import checkpoint as ckpt
 from clcli.errors import ClcliError, TrainingError
 from clcli.methods.base import StepOutput
+from clcli.runs import load_run
+from clcli.train import pretrain
 
-from .helpers import losses, tiny_recipe
+from .helpers import assert_exact_resume, fixed_batch, losses, metric_rows, run_losses, tiny_recipe
 
 
 def test_simclr_steps_lower_the_loss_on_real_images(tmp_path):
     # one fixed batch of real images, many steps: the contrastive loss must fall clearly
     recipe = tiny_recipe(
-        "trainer.steps=30",
-        "data.limit=64",
-        "trainer.batch_size=64",
-        "optim.lr=0.5",
-        "optim.schedule=constant",
+        "simclr",
+        *fixed_batch(images=64, steps=30, lr=0.5),
         "views.groups.0.crop_scale=[0.5, 1.0]",
         "method.temperature=0.2",
     )
-    pretrain(recipe, tmp_path / "run")
-    seq = losses(tmp_path / "run")
+    seq = run_losses(recipe, tmp_path / "run")
     assert len(seq) == 30
     assert sum(seq[-5:]) / 5 < sum(seq[:5]) / 5 - 0.3
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_reproduces_the_uninterrupted_loss_sequence_bitwise(tmp_path, workers):
-    recipe = tiny_recipe(f"data.num_workers={workers}", "trainer.steps=7", "trainer.checkpoint_every=2")
-    pretrain(recipe, tmp_path / "full")
-    full = losses(tmp_path / "full")
-
-    stages = prepare_training(recipe, tmp_path / "cut")
-    summary = stages.trainer.fit(stop_after=3)  # mid-epoch (8 batches per epoch), as Ctrl-C would
-    assert summary["interrupted"] and summary["steps"] == 3
-    pretrain(recipe, tmp_path / "cut", resume=True)
-    assert losses(tmp_path / "cut") == full  # bitwise: json floats round-trip exactly
+    recipe = tiny_recipe("simclr", f"data.num_workers={workers}", "trainer.steps=7", "trainer.checkpoint_every=2")
+    # mid-epoch (8 batches per epoch), as Ctrl-C would; bitwise: json floats round-trip exactly
+    assert_exact_resume(recipe, tmp_path, stop_after=3)
 
 
 def test_resume_across_an_epoch_boundary(tmp_path):
-    recipe = tiny_recipe("data.limit=96", "trainer.steps=7")  # 3 steps per epoch
-    pretrain(recipe, tmp_path / "full")
-    stages = prepare_training(recipe, tmp_path / "cut")
-    stages.trainer.fit(stop_after=3)
-    pretrain(recipe, tmp_path / "cut", resume=True)
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    recipe = tiny_recipe("simclr", "data.limit=96", "trainer.steps=7")  # 3 steps per epoch
+    assert_exact_resume(recipe, tmp_path, stop_after=3)
 
 
 def test_resume_refuses_another_recipe_and_existing_runs_are_kept(tmp_path):
-    recipe = tiny_recipe("trainer.steps=2")
+    recipe = tiny_recipe("simclr", "trainer.steps=2")
     pretrain(recipe, tmp_path / "run")
     with pytest.raises(ClcliError, match="already holds a run"):
         pretrain(recipe, tmp_path / "run")
     with pytest.raises(ClcliError, match="method.temperature"):
-        pretrain(tiny_recipe("trainer.steps=2", "method.temperature=0.2"), tmp_path / "run", resume=True)
+        pretrain(tiny_recipe("simclr", "trainer.steps=2", "method.temperature=0.2"), tmp_path / "run", resume=True)
     assert ckpt.latest_checkpoint(tmp_path / "run") is not None
 
 
 def test_checkpoint_killed_mid_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
-    recipe = tiny_recipe("trainer.steps=4", "trainer.checkpoint_every=2")
+    recipe = tiny_recipe("simclr", "trainer.steps=4", "trainer.checkpoint_every=2")
     stages = prepare_training(recipe, tmp_path / "run")
     real_save = ckpt.save_file
     calls = {"n": 0}
@@ -95,7 +83,7 @@ def test_checkpoint_killed_mid_write_leaves_the_previous_one_loadable(tmp_path, 
 
 
 def test_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path):
-    recipe = tiny_recipe("trainer.steps=6", "trainer.checkpoint_every=2", "trainer.log_every=3")
+    recipe = tiny_recipe("simclr", "trainer.steps=6", "trainer.checkpoint_every=2", "trainer.log_every=3")
     stages = prepare_training(recipe, tmp_path / "run")
     method = stages.method
     original = method.training_step
@@ -115,7 +103,7 @@ def test_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path):
 
 
 def test_ctrl_c_saves_and_stops_cleanly(tmp_path):
-    recipe = tiny_recipe("trainer.steps=6")
+    recipe = tiny_recipe("simclr", "trainer.steps=6")
     stages = prepare_training(recipe, tmp_path / "run")
     method = stages.method
     original = method.after_step
@@ -134,16 +122,16 @@ def test_ctrl_c_saves_and_stops_cleanly(tmp_path):
 def test_gradient_accumulation_and_bf16_run(tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: True)  # bf16 itself, also on a CPU without it
     recipe = tiny_recipe(
-        "trainer.steps=2", "trainer.accumulate=2", "trainer.precision=bf16", "trainer.channels_last=true"
+        "simclr", "trainer.steps=2", "trainer.accumulate=2", "trainer.precision=bf16", "trainer.channels_last=true"
     )
     summary = pretrain(recipe, tmp_path / "run")
     assert summary["steps"] == 2 and summary["images"] == 2 * 2 * 32
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path / "run")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
 
 def test_run_folder_records_recipe_and_provenance(tmp_path):
-    recipe = tiny_recipe("trainer.steps=1")
+    recipe = tiny_recipe("simclr", "trainer.steps=1")
     pretrain(recipe, tmp_path / "run")
     prov = json.loads((tmp_path / "run" / "provenance.json").read_text())
     assert prov["recipe_hash"] == recipe.digest()
@@ -168,13 +156,13 @@ def restore_determinism(monkeypatch):
 
 def test_deterministic_run_switches_pytorch_to_deterministic_kernels_and_resumes(tmp_path, restore_determinism):
     torch.backends.cudnn.benchmark = True  # as a user's notebook might have left it
-    plain = tiny_recipe("trainer.steps=4")
+    plain = tiny_recipe("simclr", "trainer.steps=4")
     pretrain(plain, tmp_path / "plain")
     assert not torch.are_deterministic_algorithms_enabled()  # off unless asked for
     prov = json.loads((tmp_path / "plain" / "provenance.json").read_text())
     assert prov["determinism"]["deterministic_algorithms"] is False
 
-    recipe = tiny_recipe("trainer.steps=4", "trainer.deterministic=true")
+    recipe = tiny_recipe("simclr", "trainer.steps=4", "trainer.deterministic=true")
     stages = prepare_training(recipe, tmp_path / "det")
     assert torch.are_deterministic_algorithms_enabled()
     assert torch.is_deterministic_algorithms_warn_only_enabled()  # an op without a deterministic kernel warns
@@ -189,11 +177,11 @@ def test_deterministic_run_switches_pytorch_to_deterministic_kernels_and_resumes
     }
     stages.trainer.fit(stop_after=2)
     # the flag changes kernels, not the maths: a resume may switch it, and on the CPU nothing changes
-    pretrain(tiny_recipe("trainer.steps=4"), tmp_path / "det", resume=True)
+    pretrain(tiny_recipe("simclr", "trainer.steps=4"), tmp_path / "det", resume=True)
     assert losses(tmp_path / "det") == losses(tmp_path / "plain")
 
 
 def test_a_users_cublas_setting_is_kept(tmp_path, restore_determinism, monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
-    prepare_training(tiny_recipe("trainer.deterministic=true"), tmp_path / "run")
+    prepare_training(tiny_recipe("simclr", "trainer.deterministic=true"), tmp_path / "run")
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

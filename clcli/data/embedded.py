@@ -14,10 +14,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from clcli.data.sources import ImageSource
+from clcli.data.base import ImageSource, MapStream, StreamSource
 from clcli.errors import DataError
 
-__all__ = ["DigitsSource", "EMBEDDED_NAMES", "EMBEDDED_SPLITS", "open_embedded"]
+__all__ = ["DigitsSource", "EMBEDDED_NAMES", "EMBEDDED_SPLITS", "embedded_splits", "open_embedded"]
 
 EMBEDDED_NAMES = ("digits",)
 EMBEDDED_SPLITS = ("train", "test")
@@ -71,13 +71,30 @@ class DigitsSource(ImageSource):
         return f"{self.spec} {self.split} record {i} (load_digits row {self._rows[i]})"
 
 
-def open_embedded(spec: str, split: str) -> ImageSource:
-    """Open ``embedded:NAME``; an unknown name is a :class:`DataError` listing the available ones."""
+def open_embedded(
+    spec: str,
+    split: str = "train",
+    *,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    text_column: str | None = None,
+    streaming: bool = False,
+) -> ImageSource | StreamSource:
+    """Open ``embedded:NAME``; an unknown name is a :class:`DataError` listing the available ones.
+
+    The columns are fixed, so naming one is an error; ``streaming=True`` reads the set in order as
+    a :class:`~clcli.data.base.MapStream`.  This is the built-in ``embedded`` entry of
+    :data:`clcli.registry.SOURCES`.
+    """
+    spec = str(spec).strip()
+    if any(value is not None for value in (image_column, label_column, text_column)):
+        raise DataError(f"{spec} has fixed columns; image_column/label_column/text_column do not apply")
     name = spec.split(":", 1)[1].strip()
-    if name == "digits":
-        return DigitsSource(spec, split)
-    available = ", ".join(f"embedded:{n}" for n in EMBEDDED_NAMES)
-    raise DataError(f"unknown embedded data set {spec!r}; available: {available}")
+    if name != "digits":
+        available = ", ".join(f"embedded:{n}" for n in EMBEDDED_NAMES)
+        raise DataError(f"unknown embedded data set {spec!r}; available: {available}")
+    source = DigitsSource(spec, split)
+    return MapStream(source) if streaming else source
 
 
 def embedded_splits(spec: str) -> list[str]:

@@ -3,8 +3,8 @@
 On the CPU a run is already reproducible: the same recipe and seed give the same loss sequence
 bit for bit, and a resumed run continues the uninterrupted one exactly.  On CUDA that is not so
 by default: cuDNN picks convolution algorithms that accumulate in a varying order, and some index
-and scatter kernels add with atomics, so two runs of one recipe drift apart in the last bits
-from the first step (measured on an H200: 3.9058799743 against 3.9058797359 at step 1).
+and scatter kernels add with atomics, so two runs of one recipe can drift apart in the last bits
+from the first step.
 
 ``trainer.deterministic: true`` asks PyTorch for deterministic kernels throughout: deterministic
 algorithms (``torch.use_deterministic_algorithms``), deterministic cuDNN without benchmarking, and

@@ -116,13 +116,3 @@ def build_optimizer(groups: list[ParamGroup], cfg: OptimConfig, lr: float) -> Op
         eta=cfg.lars_eta,
         nesterov=cfg.nesterov,
     )
-
-
-def scaled_lr(cfg: OptimConfig, batch_size: int) -> float:
-    """The peak learning rate after the recipe's batch-size scaling rule."""
-    ratio = batch_size / cfg.reference_batch
-    if cfg.lr_scaling == "linear":
-        return cfg.lr * ratio
-    if cfg.lr_scaling == "sqrt":
-        return cfg.lr * ratio**0.5
-    return cfg.lr

@@ -8,7 +8,6 @@ schedules computed from the global step, checkpoints, exact resume, progress and
 from __future__ import annotations
 
 import json
-import math
 import signal
 import threading
 import time
@@ -24,26 +23,12 @@ from rich.table import Table
 
 from clcli.engine import checkpoint as ckpt
 from clcli.engine.loader import CollatedBatch, ViewsDataset, epoch_loader, sample_seed, stream_loader
-from clcli.engine.optim import build_optimizer, scaled_lr
+from clcli.engine.optim import build_optimizer
 from clcli.errors import CheckpointError, TrainingError
 from clcli.methods.base import Batch, Method
 from clcli.recipe import Recipe
-from clcli.schedules import CosineSchedule, LRSchedule
-from clcli.views import normalize_batch
-
-
-@dataclass
-class RunPlan:
-    """The resolved length of a run and the schedules derived from it."""
-
-    steps_per_epoch: int
-    total_steps: int
-    batches_per_epoch: int
-    peak_lr: float
-    lr: LRSchedule
-    weight_decay: CosineSchedule | None
-    epochs_to_steps: Callable[[float], int]
-    dataset_size: int | None
+from clcli.schedules import RunPlan
+from clcli.views import declared_view_names, normalize_batch
 
 
 @dataclass
@@ -55,14 +40,6 @@ class TrainState:
     skipped_bad_images: int = 0
     elapsed: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise TrainingError("trainer.device is 'cuda' but no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 class _StopFlag:
@@ -86,6 +63,65 @@ class _StopFlag:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class _Interval:
+    """What the loop gathers between two log records; the tensors stay on the device until a record."""
+
+    bad: torch.Tensor  # any non-finite loss since fit started (never reset): checked before a record or save
+    loss: torch.Tensor  # sum over the steps since the last record of each step's mean micro-batch loss
+    start: float  # when the interval began (perf_counter)
+    steps: int = 0
+    images: int = 0
+    lr: float = float("nan")  # the scheduled learning rate of the current step
+    metrics: dict[str, Any] = field(default_factory=dict)  # the method's metrics of the last micro-batch
+    last_loss: float = float("nan")  # the loss of the last record
+
+    @classmethod
+    def starting(cls, device: torch.device) -> _Interval:
+        zeros = torch.zeros((), device=device)
+        return cls(bad=torch.zeros((), dtype=torch.bool, device=device), loss=zeros, start=time.perf_counter())
+
+    def restart(self, now: float) -> None:
+        self.loss.zero_()
+        self.steps = self.images = 0
+        self.start = now
+
+
+class _ProgressBar:
+    """The run's progress line: steps done of the total, a status text, elapsed time and an estimate."""
+
+    def __init__(self, console: Console, *, enabled: bool, description: str, total: int, completed: int) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+        self._task_args = (description, total, completed)
+        self._task: Any = None
+
+    def __enter__(self) -> _ProgressBar:
+        self._progress.__enter__()
+        description, total, completed = self._task_args
+        self._task = self._progress.add_task(description, total=total, completed=completed, info="")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.__exit__(*exc)
+
+    def say(self, info: str) -> None:
+        self._progress.update(self._task, info=info)
+
+    def at(self, step: int) -> None:
+        self._progress.update(self._task, completed=step)
 
 
 class Trainer:
@@ -205,7 +241,7 @@ class Trainer:
             )
             for v in cb.views
         ]
-        names = [g.name for g in r.views.groups for _ in range(g.count)]
+        names = declared_view_names(r.views.groups)
         return Batch(views, names, cb.index.to(self.device), cb.label.to(self.device), cb.text)
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -241,42 +277,30 @@ class Trainer:
             order=order,
         )
 
-    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
-        """Train to the end of the plan; ``stop_after`` stops (with a checkpoint) as Ctrl-C would."""
-        r, s, plan = self.recipe, self.state, self.plan
-        acc = r.trainer.accumulate
-        autocast_dtype = torch.bfloat16 if r.trainer.precision == "bf16" else None
-        self.method.train()
-        bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        interval_loss = torch.zeros((), device=self.device)
-        interval_steps = 0
-        interval_images = 0
-        interval_start = time.perf_counter()
-        last_metrics: dict[str, Any] = {}
-        last_loss = float("nan")
-        interrupted = False
-        progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=not self.show_progress,
-            transient=False,
+    def _progress_bar(self) -> _ProgressBar:
+        return _ProgressBar(
+            self.console,
+            enabled=self.show_progress,
+            description=self.recipe.method.name,
+            total=self.plan.total_steps,
+            completed=self.state.step,
         )
+
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to the end of the plan; ``stop_after`` stops (with a checkpoint) as Ctrl-C would.
+
+        Each pass of the outer loop is one epoch (or the whole stream); an optimiser step takes
+        ``trainer.accumulate`` micro-batches and is followed by the record, the online evaluation
+        and the checkpoint that are due.
+        """
+        r, s, plan = self.recipe, self.state, self.plan
+        self.method.train()
+        live = _Interval.starting(self.device)
+        interrupted = False
         run_start = time.perf_counter() - s.elapsed
-        with _StopFlag() as stop, progress:
-            task = progress.add_task(r.method.name, total=plan.total_steps, completed=s.step, info="")
+        with _StopFlag() as stop, self._progress_bar() as bar:
             while s.step < plan.total_steps and not interrupted:
-                if s.position == 0 and self.stream_dataset_factory is None:
-                    # a method's epoch set-up can take minutes (filling a memory bank, k-means): say so
-                    progress.update(task, info=f"epoch {s.epoch + 1}: {r.method.name} epoch set-up")
-                    epoch_metrics = self.method.on_epoch_start(s.epoch, s.step)
-                    if epoch_metrics:
-                        self._log({"step": s.step, "epoch": s.epoch, **epoch_metrics})
+                self._start_epoch(bar)
                 micro = 0
                 for cb in self._batches():
                     s.skipped_bad_images += cb.skipped
@@ -285,60 +309,26 @@ class Trainer:
                         continue
                     batch = self._to_batch(cb)
                     if micro == 0:
-                        lr = self._set_hyperparameters(s.step)
-                    with torch.autocast(
-                        self.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                    ):
-                        out = self.method.training_step(batch, s.step)
-                    loss = out.loss
-                    (loss / acc).backward()
-                    detached = loss.detach().float()
-                    bad |= ~torch.isfinite(detached)
-                    interval_loss += detached / acc
-                    last_metrics = out.metrics
+                        live.lr = self._set_hyperparameters(s.step)
+                    self._forward_backward(batch, live)
                     micro += 1
-                    s.position += 1
-                    interval_images += batch.size
-                    s.images += batch.size
-                    if micro < acc:
+                    if micro < r.trainer.accumulate:
                         continue
                     micro = 0
-                    self.method.before_step(s.step)
-                    if r.optim.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(self.method.parameters(), r.optim.grad_clip)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.method.after_step(s.step)
-                    s.step += 1
-                    interval_steps += 1
+                    self._optimizer_step(live)
                     if stop_after is not None and s.step >= stop_after:
                         stop.requested = True
-                    epoch_done = self.stream_dataset_factory is None and s.position >= plan.batches_per_epoch
-                    if epoch_done:
-                        s.epoch += 1
-                        s.position = 0
+                    epoch_done = self._end_epoch_if_done()
                     last_step = s.step >= plan.total_steps
-                    if s.step % r.trainer.log_every == 0 or last_step or stop.requested:
-                        self._check_finite(bad)
-                        now = time.perf_counter()
-                        rate = interval_images / max(now - interval_start, 1e-9)
-                        last_loss = float(interval_loss) / max(interval_steps, 1)
-                        record = {"step": s.step, "epoch": s.epoch, "loss": last_loss, "lr": lr, "images_per_s": rate}
-                        for k, v in last_metrics.items():
-                            record[k] = float(v)
-                        self._log(record)
-                        progress.update(task, info=f"loss {last_loss:.4f}  lr {lr:.3g}  {rate:.0f} img/s")
-                        interval_loss.zero_()
-                        interval_steps = interval_images = 0
-                        interval_start = now
-                    progress.update(task, completed=s.step)
-                    if epoch_done and self.evaluator is not None and r.trainer.online_knn_every:
-                        every = max(1, round(r.trainer.online_knn_every))
-                        if s.epoch % every == 0:
-                            self._online_eval()
+                    due = last_step or stop.requested
+                    if due or s.step % r.trainer.log_every == 0:
+                        self._log_interval(live, bar)
+                    bar.at(s.step)
+                    if epoch_done:
+                        self._online_eval_if_due()
                     s.elapsed = time.perf_counter() - run_start
-                    if s.step % r.trainer.checkpoint_every == 0 or last_step or stop.requested:
-                        self._check_finite(bad)
+                    if due or s.step % r.trainer.checkpoint_every == 0:
+                        self._check_finite(live.bad)
                         self.save()
                     if stop.requested:
                         interrupted = True
@@ -348,12 +338,91 @@ class Trainer:
                     if self.stream_dataset_factory is not None and s.step < plan.total_steps:
                         raise TrainingError(f"the stream ended after {s.step} steps; set trainer.steps to at most that")
         s.elapsed = time.perf_counter() - run_start
+        return self._summary(live.last_loss, interrupted)
+
+    # ------------------------------------------------------------------------ steps of fit
+    def _start_epoch(self, bar: _ProgressBar) -> None:
+        """At an epoch's first batch (not on a stream): the method's epoch set-up, and its metrics logged."""
+        s = self.state
+        if s.position != 0 or self.stream_dataset_factory is not None:
+            return
+        # a method's epoch set-up can take minutes (filling a memory bank, k-means): say so
+        bar.say(f"epoch {s.epoch + 1}: {self.recipe.method.name} epoch set-up")
+        epoch_metrics = self.method.on_epoch_start(s.epoch, s.step)
+        if epoch_metrics:
+            self._log({"step": s.step, "epoch": s.epoch, **epoch_metrics})
+
+    def _forward_backward(self, batch: Batch, live: _Interval) -> None:
+        """One micro-batch: the method's loss under the run's precision, backward at 1/accumulate."""
+        r, s = self.recipe, self.state
+        acc = r.trainer.accumulate
+        autocast_dtype = torch.bfloat16 if r.trainer.precision == "bf16" else None
+        with torch.autocast(
+            self.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
+            out = self.method.training_step(batch, s.step)
+        loss = out.loss
+        (loss / acc).backward()
+        detached = loss.detach().float()
+        live.bad |= ~torch.isfinite(detached)
+        live.loss += detached / acc
+        live.metrics = out.metrics
+        s.position += 1
+        live.images += batch.size
+        s.images += batch.size
+
+    def _optimizer_step(self, live: _Interval) -> None:
+        """One optimiser step on the accumulated gradient, between the method's before/after hooks."""
+        s, clip = self.state, self.recipe.optim.grad_clip
+        self.method.before_step(s.step)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_step(s.step)
+        s.step += 1
+        live.steps += 1
+
+    def _end_epoch_if_done(self) -> bool:
+        """Move to the next epoch when this one's batches are used up (never on a stream)."""
+        s = self.state
+        done = self.stream_dataset_factory is None and s.position >= self.plan.batches_per_epoch
+        if done:
+            s.epoch += 1
+            s.position = 0
+        return done
+
+    def _log_interval(self, live: _Interval, bar: _ProgressBar) -> None:
+        """Write one record (mean loss since the last one, lr, throughput, the method's metrics)."""
+        s = self.state
+        self._check_finite(live.bad)
+        now = time.perf_counter()
+        rate = live.images / max(now - live.start, 1e-9)
+        live.last_loss = float(live.loss) / max(live.steps, 1)
+        record = {"step": s.step, "epoch": s.epoch, "loss": live.last_loss, "lr": live.lr, "images_per_s": rate}
+        for k, v in live.metrics.items():
+            record[k] = float(v)
+        self._log(record)
+        bar.say(f"loss {live.last_loss:.4f}  lr {live.lr:.3g}  {rate:.0f} img/s")
+        live.restart(now)
+
+    def _online_eval_if_due(self) -> None:
+        """After an epoch: the online kNN evaluation every ``trainer.online_knn_every`` epochs."""
+        every = self.recipe.trainer.online_knn_every
+        if self.evaluator is None or not every:
+            return
+        if self.state.epoch % max(1, round(every)) == 0:
+            self._online_eval()
+
+    def _summary(self, final_loss: float, interrupted: bool) -> dict[str, Any]:
+        """What ``fit`` returns: where the run is and how it ended."""
+        s = self.state
         return {
             "run": str(self.run_dir),
             "steps": s.step,
             "epochs": s.epoch,
             "images": s.images,
-            "final_loss": last_loss,
+            "final_loss": final_loss,
             "seconds": round(s.elapsed, 2),
             "skipped_bad_images": s.skipped_bad_images,
             "interrupted": interrupted,
@@ -371,45 +440,3 @@ class Trainer:
         self.console.print(
             f"epoch {self.state.epoch}: online kNN " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
         )
-
-
-def make_plan(recipe: Recipe, dataset_size: int | None) -> RunPlan:
-    """Resolve the run's length and schedules against the dataset size."""
-    t, o = recipe.trainer, recipe.optim
-    micro = t.batch_size
-    if dataset_size is not None:
-        batches = dataset_size // micro
-        if batches < t.accumulate:
-            raise TrainingError(
-                f"the training set has {dataset_size} images, fewer than one step of "
-                f"{t.batch_size} x {t.accumulate}; lower trainer.batch_size"
-            )
-        steps_per_epoch = batches // t.accumulate
-        batches_per_epoch = steps_per_epoch * t.accumulate
-        total = t.steps if t.steps is not None else max(1, int(math.floor(t.epochs * steps_per_epoch + 0.5)))
-    else:
-        if t.steps is None:
-            raise TrainingError("a streaming source has no length: set trainer.steps")
-        steps_per_epoch = t.steps
-        batches_per_epoch = t.steps * t.accumulate
-        total = t.steps
-    run_epochs = total / steps_per_epoch
-
-    def to_steps(epochs: float) -> int:
-        from clcli.recipe import steps_for_epochs
-
-        return steps_for_epochs(epochs, steps_per_epoch, run_epochs, t.reference_epochs)
-
-    peak = scaled_lr(o, t.batch_size * t.accumulate)
-    lr = LRSchedule(
-        peak=peak,
-        total_steps=total,
-        warmup_steps=min(to_steps(o.warmup_epochs), total),
-        warmup_start_ratio=o.warmup_start_ratio,
-        kind=o.schedule,
-        final_ratio=o.final_lr_ratio,
-        milestones=tuple(to_steps(m) for m in o.milestones),
-        gamma=o.gamma,
-    )
-    wd = CosineSchedule(o.weight_decay, o.weight_decay_end, total) if o.weight_decay_end is not None else None
-    return RunPlan(steps_per_epoch, total, batches_per_epoch, peak, lr, wd, to_steps, dataset_size)

@@ -1,1 +1,2 @@
-"""Evaluation of frozen representations: weighted k-nearest-neighbour vote and linear probe."""
+"""Evaluation of frozen representations: one loader (:mod:`.loader`), one extraction path (:mod:`.features`),
+one result writer (:mod:`.results`); weighted kNN, the linear probe, zero-shot and online kNN."""

@@ -1,4 +1,5 @@
-"""One feature-extraction path for kNN, the linear probe and online evaluation."""
+"""One feature-extraction path for kNN, the linear probe and online evaluation (zero-shot shares its core,
+:func:`clcli.views.plain.encode_split`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from rich.console import Console
 
 from clcli.data import ImageSource
+from clcli.errors import ClcliError
 from clcli.recipe import Recipe
 from clcli.views.plain import encode_split
 
@@ -36,8 +38,11 @@ def extract_features(
 ) -> FeatureSet:
     """Features of every image of ``source`` (resized and centre-cropped, no augmentation).
 
-    ``layer``: ``backbone`` (the method's ``features``) or ``embedding`` (its ``embed``).
+    ``layer``: ``backbone`` (the method's ``features``) or ``embedding`` (its ``embed``); any other
+    value is a :class:`ClcliError`.
     """
+    if layer not in ("backbone", "embedding"):
+        raise ClcliError(f"features are extracted from the 'backbone' or the 'embedding', not {layer!r}")
     fn = model.embed if layer == "embedding" else model.features  # type: ignore[union-attr]
     features, index = encode_split(
         model,

@@ -1,147 +1,74 @@
-"""Evaluation protocols on a trained run: weighted kNN and the linear probe on frozen features."""
+"""Evaluation protocols on frozen features of a run or an imported CLIP file: weighted kNN and the linear probe."""
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
-from clcli.assemble import limit_source, load_run, open_data
-from clcli.data import ImageSource
-from clcli.errors import ClcliError, DataError
+from clcli.errors import ClcliError
 from clcli.evaluate.features import FeatureSet, extract_features
 from clcli.evaluate.knn import knn_accuracy
 from clcli.evaluate.linear import linear_probe
+from clcli.evaluate.loader import Loaded, check_layer, load_model, open_split
+from clcli.evaluate.results import timestamp, write_result
 from clcli.methods.base import Method
-from clcli.recipe import DataConfig, Recipe, TrainerConfig, ViewsConfig
+from clcli.recipe import Recipe
 
 
-class _Source:
-    """What is evaluated: a run's method, or the image tower of an imported CLIP checkpoint file."""
-
-    def __init__(
-        self,
-        run_dir: Path | None,
-        checkpoint: Path | None,
-        data: str | None,
-        trust_torchscript: bool,
-        activation: str,
-    ) -> None:
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        if self.run_dir is not None:
-            self.recipe, self.model, self.checkpoint = load_run(self.run_dir, checkpoint)
-            self.interpolation = "bilinear"
-            self.method_name = self.recipe.method.name
-            self.extra: dict[str, Any] = {}
-            return
-        if checkpoint is None:
+def _split_features(
+    loaded: Loaded,
+    data: str | None,
+    train_split: str | None,
+    test_split: str | None,
+    features: str | None,
+    train_limit: int | None,
+    test_limit: int | None,
+    console: Console | None,
+    show_progress: bool,
+    *,
+    allow_bank: bool,
+) -> tuple[FeatureSet, FeatureSet, int, dict[str, Any]]:
+    """Reference and test features, the number of classes, and what they are (data, splits, layer)."""
+    recipe, model, device = loaded.recipe, loaded.model, loaded.device
+    spec = data or recipe.data.source
+    splits = (train_split or recipe.data.train_split, test_split or recipe.data.test_split)
+    layer = check_layer(features or recipe.eval.features)
+    if layer == "bank":
+        if not allow_bank:
             raise ClcliError(
-                "give --run RUN (a run folder of clcli pretrain) or --checkpoint FILE (a pretrained CLIP checkpoint "
-                "in the OpenAI / open_clip layout) with --data SPEC"
+                "--features bank applies to kNN only; the linear probe uses backbone or embedding features"
             )
-        if Path(checkpoint).is_dir():
-            raise ClcliError(f"{checkpoint} is a folder: a run's checkpoint folder goes with --run RUN")
-        if data is None:
-            raise ClcliError("an imported CLIP checkpoint has no training data of its own: give --data SPEC")
-        if activation not in ("gelu", "quick_gelu"):
-            raise ClcliError(f"--activation must be 'quick_gelu' or 'gelu', got {activation!r}")
-        from clcli.models.clip_import import load_clip
-
-        model = load_clip(checkpoint, trust_torchscript=trust_torchscript, activation=activation)  # type: ignore[arg-type]
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(device)
-        pre = model.preprocess
-        self.recipe = Recipe(
-            data=DataConfig(source=data),
-            views=ViewsConfig(eval_size=pre["size"], eval_resize=pre["resize"], mean=pre["mean"], std=pre["std"]),
-            trainer=TrainerConfig(precision="bf16" if device.type == "cuda" else "fp32"),
+        if not isinstance(model, Method):
+            raise ClcliError("--features bank needs a run with a memory bank, not a checkpoint file")
+        train, test, num_classes = _bank_features(
+            model, recipe, data, train_split, train_limit, test_limit, device, console, show_progress
         )
-        self.checkpoint = Path(checkpoint)
-        self.interpolation = pre["interpolation"]
-        self.method_name = "clip (imported)"
-        self.extra = {"activation": activation}
-
-    def split_features(
-        self,
-        data: str | None,
-        train_split: str | None,
-        test_split: str | None,
-        features: str | None,
-        train_limit: int | None,
-        test_limit: int | None,
-        console: Console | None,
-        show_progress: bool,
-        *,
-        allow_bank: bool,
-    ) -> tuple[FeatureSet, FeatureSet, int, dict[str, Any]]:
-        """Reference and test features, the number of classes, and what they are (data, splits, layer)."""
-        recipe, method = self.recipe, self.model
-        device = next(method.parameters()).device
-        spec = data or recipe.data.source
-        splits = (train_split or recipe.data.train_split, test_split or recipe.data.test_split)
-        layer = features or recipe.eval.features
-        if layer == "bank":
-            if not allow_bank:
-                raise ClcliError(
-                    "--features bank applies to kNN only; the linear probe uses backbone or embedding features"
-                )
-            if self.run_dir is None:
-                raise ClcliError("--features bank needs a run with a memory bank, not a checkpoint file")
-            train, test, num_classes = _bank_features(
-                method, recipe, data, train_split, train_limit, test_limit, device, console, show_progress
-            )
-            splits = (f"{recipe.data.train_split} (memory bank)", splits[1])
-        else:
-            if train_limit is None and data is None:
-                train_limit = recipe.data.limit
-            train, test, num_classes = _features(
-                method,
-                recipe,
-                spec,
-                splits,
-                (train_limit, test_limit),
-                layer,
-                device,
-                console,
-                show_progress,
-                self.interpolation,
-            )
-        assert train.labels is not None and test.labels is not None
-        what = {"features": layer, "data": spec, "train_split": splits[0], "test_split": splits[1]}
-        return train, test, num_classes, what
-
-    def default_output(self, protocol: str, output: Path | None) -> Path | None:
-        if output is not None:
-            return Path(output)
-        return self.run_dir / "eval" / f"{protocol}.json" if self.run_dir is not None else None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "checkpoint": str(self.checkpoint),
-            "run": None if self.run_dir is None else str(self.run_dir),
-            "method": self.method_name,
-            **self.extra,
-        }
-
-
-def _open_split(recipe: Recipe, spec: str, split: str, limit: int | None) -> ImageSource:
-    source = open_data(spec, split, recipe.data, streaming=False)
-    if not isinstance(source, ImageSource):
-        raise DataError(f"{spec} split {split!r} cannot be evaluated as a stream")
-    source = limit_source(source, limit)
-    if len(source) == 0:
-        raise DataError(f"split {split!r} of {spec} has no images")
-    if source.labels() is None:
-        raise DataError(f"split {split!r} of {spec} has no labels; evaluation needs labelled images")
-    return source
+        splits = (f"{recipe.data.train_split} (memory bank)", splits[1])
+    else:
+        if train_limit is None and data is None:
+            train_limit = recipe.data.limit
+        train, test, num_classes = _features(
+            model,
+            recipe,
+            spec,
+            splits,
+            (train_limit, test_limit),
+            layer,
+            device,
+            console,
+            show_progress,
+            loaded.interpolation,
+        )
+    assert train.labels is not None and test.labels is not None
+    what = {"features": layer, "data": spec, "train_split": splits[0], "test_split": splits[1]}
+    return train, test, num_classes, what
 
 
 def _features(
-    method: Method,
+    method: torch.nn.Module,
     recipe: Recipe,
     spec: str,
     splits: tuple[str, str],
@@ -155,7 +82,7 @@ def _features(
     sets = []
     classes = None
     for split, limit in zip(splits, limits, strict=True):
-        source = _open_split(recipe, spec, split, limit)
+        source = open_split(recipe, spec, split, limit)
         classes = classes or source.classes
         sets.append(
             extract_features(
@@ -189,8 +116,7 @@ def _bank_features(
 ) -> tuple[FeatureSet, FeatureSet, int]:
     """kNN over a memory bank (InstDisc, arXiv:1805.01978): the bank's rows, labelled by the run's own
     training split, are the reference set; the test images are embedded with the method's ``embed``."""
-    bank_features = getattr(method, "bank_features", None)
-    if bank_features is None:
+    if not method.has_bank_features:
         raise ClcliError(
             f"--features bank needs a method with a memory bank; {recipe.method.name} has none "
             "(use --features backbone or embedding)"
@@ -203,8 +129,8 @@ def _bank_features(
         )
     if train_limit is not None and train_limit != d.limit:
         raise ClcliError("--features bank uses every bank row; leave out --train-limit")
-    source = _open_split(recipe, d.source, d.train_split, d.limit)
-    vectors = bank_features()
+    source = open_split(recipe, d.source, d.train_split, d.limit)
+    vectors = method.bank_features()
     if vectors.shape[0] != len(source):
         raise ClcliError(
             f"the memory bank has {vectors.shape[0]} rows but the training split {d.train_split!r} of {d.source} "
@@ -212,7 +138,7 @@ def _bank_features(
         )
     labels = source.labels()
     assert labels is not None
-    test_source = _open_split(recipe, d.source, d.test_split, test_limit)
+    test_source = open_split(recipe, d.source, d.test_split, test_limit)
     test = extract_features(
         method,
         test_source,
@@ -227,14 +153,6 @@ def _bank_features(
     classes = source.classes or test_source.classes
     num_classes = len(classes) if classes else int(max(labels.max(), test.labels.max())) + 1
     return FeatureSet(vectors, labels), test, num_classes
-
-
-def _write(result: dict[str, Any], out: Path | None) -> None:
-    if out is None:
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    result["output"] = str(out)
 
 
 def knn_eval(
@@ -260,11 +178,15 @@ def knn_eval(
     ``run_dir`` is a run folder; or ``None`` with ``checkpoint`` a pretrained CLIP file (OpenAI /
     open_clip layout) and ``data`` the labelled images: its image tower is evaluated.
     """
-    src = _Source(run_dir, checkpoint, data, trust_torchscript, activation)
+    if features is not None:
+        check_layer(features)
+    src = load_model(
+        run_dir, checkpoint, data=data, needs_data=True, trust_torchscript=trust_torchscript, activation=activation
+    )
     k = k or src.recipe.eval.knn_k
     t = temperature or src.recipe.eval.knn_temperature
-    train, test, num_classes, what = src.split_features(
-        data, train_split, test_split, features, train_limit, test_limit, console, show_progress, allow_bank=True
+    train, test, num_classes, what = _split_features(
+        src, data, train_split, test_split, features, train_limit, test_limit, console, show_progress, allow_bank=True
     )
     assert train.labels is not None and test.labels is not None
     scores = knn_accuracy(
@@ -281,10 +203,9 @@ def knn_eval(
         "train_images": int(train.features.shape[0]),
         "test_images": int(test.features.shape[0]),
         **src.describe(),
-        "evaluated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "evaluated": timestamp(),
     }
-    _write(result, src.default_output("knn", output))
-    return result
+    return write_result(result, src.default_output("knn", output))
 
 
 def linear_eval(
@@ -307,10 +228,14 @@ def linear_eval(
 
     ``run_dir`` and ``checkpoint`` as for :func:`knn_eval`.
     """
-    src = _Source(run_dir, checkpoint, data, trust_torchscript, activation)
+    if features is not None:
+        check_layer(features)
+    src = load_model(
+        run_dir, checkpoint, data=data, needs_data=True, trust_torchscript=trust_torchscript, activation=activation
+    )
     recipe = src.recipe
-    train, test, num_classes, what = src.split_features(
-        data, train_split, test_split, features, train_limit, test_limit, console, show_progress, allow_bank=False
+    train, test, num_classes, what = _split_features(
+        src, data, train_split, test_split, features, train_limit, test_limit, console, show_progress, allow_bank=False
     )
     assert train.labels is not None and test.labels is not None
     res = linear_probe(
@@ -331,5 +256,4 @@ def linear_eval(
     }
     result["protocol"] = "linear"
     result["protocol_details"] = res.get("protocol")
-    _write(result, src.default_output("linear", output))
-    return result
+    return write_result(result, src.default_output("linear", output))

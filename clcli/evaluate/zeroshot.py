@@ -26,10 +26,6 @@ and no label dominates; on a handful of images, or images of one class, leave it
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +34,21 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from clcli.data import ImageSource
-from clcli.data.images import read_image_file
-from clcli.errors import BadImageError, CheckpointError, ClcliError, DataError
-from clcli.precision import use_bf16
+from clcli.data.folders import ImageFiles
+from clcli.errors import ClcliError
+from clcli.evaluate.loader import load_model, open_split
+from clcli.evaluate.results import timestamp, write_result
+from clcli.recipe import EvalConfig, Recipe
 from clcli.text.templates import fill, load_templates
-from clcli.views.pipelines import eval_pipeline
-from clcli.views.plain import plain_loader, split_progress
+from clcli.views.plain import encode_split
 
 __all__ = [
     "ImageFiles",
-    "Preprocess",
     "read_labels",
     "zeroshot",
     "zeroshot_classifier",
     "zeroshot_scores",
 ]
-
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -90,72 +84,21 @@ def read_labels(labels: str | list[str] | None = None, labels_file: str | Path |
     return out
 
 
-class ImageFiles(ImageSource):
-    """The images of one file or of a folder (recursively, sorted by path), without labels."""
-
-    def __init__(self, path: str | Path) -> None:
-        root = Path(path).expanduser()
-        if root.is_file():
-            files = [root]
-        elif root.is_dir():
-            files = sorted(
-                (
-                    Path(d) / f
-                    for d, dirs, names in os.walk(root)
-                    for f in names
-                    if not f.startswith(".") and f.lower().endswith(_IMAGE_EXTENSIONS)
-                ),
-                key=lambda p: p.relative_to(root).as_posix(),
-            )
-        else:
-            raise DataError(f"{root} does not exist")
-        if not files:
-            raise DataError(f"{root} has no images (looked for {', '.join(_IMAGE_EXTENSIONS)})")
-        self.spec, self.split, self.classes = str(root), "images", None
-        self._files = [str(f) for f in files]
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def load_image(self, i: int) -> torch.Tensor:
-        return read_image_file(self._files[i])
-
-    def label(self, i: int) -> int:
-        return -1
-
-    def labels(self) -> torch.Tensor | None:
-        return None
-
-    def text(self, i: int) -> str | None:
-        return None
-
-    def describe(self, i: int) -> str:
-        return self._files[i]
-
-
-@dataclass
-class Preprocess:
-    """How images become model input: resize the shorter side, centre crop, normalise."""
-
-    size: int
-    resize: int | None
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bilinear"
-    bf16: bool = False
-
-    def transform(self) -> Any:
-        return eval_pipeline(self.size, self.resize, self.interpolation)
+# The template set used when neither the call nor the model names one.
+DEFAULT_TEMPLATES = "imagenet"
 
 
 # ---------------------------------------------------------------------------------- maths
 @torch.no_grad()
-def zeroshot_classifier(model: Any, labels: list[str], templates: list[str], *, batch_size: int = 256) -> torch.Tensor:
+def zeroshot_classifier(
+    model: Any, labels: list[str], templates: list[str], *, batch_size: int | None = None
+) -> torch.Tensor:
     """Classifier weights ``[len(labels), D]``: per label, the re-normalised mean of its normalised prompt embeddings.
 
     ``model.encode_text(list[str])`` must return L2-normalised embeddings; prompts are embedded
-    ``batch_size`` at a time.
+    ``batch_size`` at a time (default: ``eval.batch_size``'s default).
     """
+    batch_size = batch_size or EvalConfig().batch_size
     if not labels:
         raise ClcliError("zero-shot classification needs at least one label")
     if not templates:
@@ -174,39 +117,37 @@ def zeroshot_scores(
     model: Any,
     source: ImageSource,
     classifier: torch.Tensor,
-    preprocess: Preprocess,
+    recipe: Recipe,
     *,
     device: torch.device,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    skip_bad_images: bool = False,
+    batch_size: int | None = None,
+    interpolation: str = "bilinear",
     show_progress: bool = False,
     console: Console | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[N, C]`` (logit scale x cosine similarity) of every readable image, and their indices."""
-    loader = plain_loader(
-        source, preprocess.transform(), batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad_images
+    """Logits ``[N, C]`` (logit scale x cosine similarity) of every readable image, and their indices.
+
+    Images are read and prepared by the evaluation path (:func:`clcli.views.plain.encode_split`:
+    the recipe's evaluation transform with ``interpolation``, normalisation, precision and loader
+    settings, ``batch_size`` defaulting to ``eval.batch_size``) and embedded by
+    ``model.encode_image``.
+    """
+    emb, kept = encode_split(
+        model,
+        model.encode_image,
+        source,
+        recipe,
+        device=device,
+        out_device=device,
+        batch_size=batch_size,
+        interpolation=interpolation,
+        show_progress=show_progress,
+        console=console,
+        description="zero-shot",
     )
-    mean = torch.tensor(preprocess.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(preprocess.std, device=device).view(1, -1, 1, 1)
-    weights = classifier.to(device)
     scale = float(model.logit_scale_value())
-    logits, kept = [], []
-    progress = split_progress("zero-shot", show=show_progress, console=console)
-    bf16 = preprocess.bf16 and use_bf16("bf16", device)
-    with progress:
-        task = progress.add_task("zero-shot", total=len(source))
-        for images, idx in loader:
-            if images is not None:
-                x = (images.to(device).float() / 255.0 - mean) / std
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    emb = model.encode_image(x)
-                logits.append((scale * F.normalize(emb.float(), dim=-1) @ weights.t()).cpu())
-                kept.append(idx)
-            progress.advance(task, batch_size)
-    if not logits:
-        raise BadImageError(source.spec, "no readable image")
-    return torch.cat(logits), torch.cat(kept)
+    logits = scale * F.normalize(emb, dim=-1) @ classifier.to(device=device, dtype=emb.dtype).t()
+    return logits.cpu(), kept.cpu()
 
 
 CALIBRATIONS = ("none", "zscore")
@@ -249,49 +190,6 @@ def _match_classes(data_classes: list[str], present: list[int], labels: list[str
     )
 
 
-# ---------------------------------------------------------------------------------- model
-def _load_model(
-    run_dir: Path | None,
-    checkpoint: Path | None,
-    vocab: Path | None,
-    trust_torchscript: bool,
-    activation: str,
-) -> tuple[Any, Any, Preprocess, dict[str, Any]]:
-    """(model, recipe or None, preprocess, description) for a run or an imported checkpoint file."""
-    if run_dir is not None:
-        from clcli.assemble import load_run
-
-        recipe, method, ckpt_path = load_run(Path(run_dir), checkpoint)
-        if not (hasattr(method, "encode_text") and hasattr(method, "encode_image")):
-            raise ClcliError(
-                f"{run_dir} was trained with {recipe.method.name}, which has no text tower; zero-shot "
-                "classification needs a CLIP run (or --checkpoint FILE --vocab FILE for a pretrained CLIP)"
-            )
-        v = recipe.views
-        pre = Preprocess(
-            v.eval_size, v.eval_resize, tuple(v.mean), tuple(v.std), "bilinear", recipe.trainer.precision == "bf16"
-        )
-        return method, recipe, pre, {"run": str(run_dir), "checkpoint": str(ckpt_path), "method": recipe.method.name}
-    if checkpoint is None:
-        raise ClcliError("give --run RUN (a trained CLIP run) or --checkpoint FILE (a pretrained CLIP checkpoint)")
-    from clcli.models.clip_import import load_clip
-
-    if activation not in ("gelu", "quick_gelu"):
-        raise ClcliError(f"--activation must be 'quick_gelu' or 'gelu', got {activation!r}")
-    model = load_clip(checkpoint, vocab=vocab, trust_torchscript=trust_torchscript, activation=activation)  # type: ignore[arg-type]
-    if model.tokenizer is None:
-        raise CheckpointError(
-            "an imported CLIP needs its BPE vocabulary: give --vocab bpe_simple_vocab_16e6.txt.gz "
-            "(it ships with the open_clip package)"
-        )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    p = model.preprocess
-    pre = Preprocess(p["size"], p["resize"], tuple(p["mean"]), tuple(p["std"]), p["interpolation"], False)
-    info = {"checkpoint": str(checkpoint), "vocab": str(model.tokenizer.path), "activation": activation}
-    return model, None, pre, info
-
-
 # ---------------------------------------------------------------------------------- entry
 def zeroshot(
     run_dir: Path | None = None,
@@ -320,7 +218,8 @@ def zeroshot(
     Returns a dict with the labels, templates used and, for labelled data, ``top1``, ``top5`` and
     ``per_class``; ``predictions`` (each image's ``top_k`` labels with probabilities) for unlabelled
     images, or for labelled data when ``predictions`` is true.  The result is also written as JSON
-    to ``output`` (default ``RUN/eval/zeroshot.json`` for a run).
+    to ``output`` (default ``RUN/eval/zeroshot.json`` for a run).  Images and prompts are embedded
+    ``batch_size`` at a time (default: the recipe's ``eval.batch_size``; for a file, its default).
     """
     if (images is None) == (data is None):
         raise ClcliError("give exactly one of --images PATH (a file or folder of images) and --data SPEC")
@@ -329,23 +228,19 @@ def zeroshot(
     if calibrate not in CALIBRATIONS:
         raise ClcliError(f"--calibrate must be one of {', '.join(CALIBRATIONS)}, got {calibrate!r}")
     label_list = read_labels(labels, labels_file) if (labels is not None or labels_file is not None) else None
-    model, recipe, pre, info = _load_model(run_dir, checkpoint, vocab, trust_torchscript, activation)
-    device = next(model.parameters()).device
+    loaded = load_model(
+        run_dir, checkpoint, text=True, vocab=vocab, trust_torchscript=trust_torchscript, activation=activation
+    )
+    model, recipe = loaded.model, loaded.recipe
 
     source: ImageSource
     if images is not None:
         source = ImageFiles(images)
         spec = str(images)
     else:
-        from clcli.assemble import limit_source, open_data
-        from clcli.recipe import DataConfig
-
-        data_cfg = recipe.data if recipe is not None else DataConfig()
-        split = split or (recipe.data.test_split if recipe is not None else "test")
-        opened = open_data(data, split, data_cfg, streaming=False)
-        if not isinstance(opened, ImageSource):
-            raise DataError(f"{data} split {split!r} cannot be classified as a stream")
-        source = limit_source(opened, limit)
+        assert data is not None
+        split = split or recipe.data.test_split
+        source = open_split(recipe, data, split, limit, labelled=False)
         spec = data
     if label_list is None:
         if not source.classes:
@@ -353,20 +248,19 @@ def zeroshot(
         label_list = list(source.classes)
     template_spec = templates
     if template_spec is None:
-        template_spec = getattr(getattr(recipe, "method", None), "zeroshot_templates", None) or "imagenet"
+        template_spec = loaded.zeroshot_templates or DEFAULT_TEMPLATES
     template_list = load_templates(template_spec)
 
-    bs = batch_size or (recipe.eval.batch_size if recipe is not None else 128)
+    bs = batch_size or recipe.eval.batch_size
     classifier = zeroshot_classifier(model, label_list, template_list, batch_size=bs)
     logits, kept = zeroshot_scores(
         model,
         source,
         classifier,
-        pre,
-        device=device,
+        recipe,
+        device=loaded.device,
         batch_size=bs,
-        num_workers=recipe.data.num_workers if recipe is not None else 0,
-        skip_bad_images=recipe.data.skip_bad_images if recipe is not None else False,
+        interpolation=loaded.interpolation,
         show_progress=show_progress,
         console=console,
     )
@@ -375,7 +269,7 @@ def zeroshot(
     k = min(top_k, len(label_list))
     result: dict[str, Any] = {
         "protocol": "zeroshot",
-        **info,
+        **loaded.describe(),
         "data": spec,
         "split": split if data is not None else None,
         "images": int(kept.numel()),
@@ -428,10 +322,5 @@ def zeroshot(
             }
             for i, pp, ii in zip(kept.tolist(), p, idx, strict=True)
         ]
-    result["evaluated"] = datetime.now(UTC).isoformat(timespec="seconds")
-    out = Path(output) if output else (Path(run_dir) / "eval" / "zeroshot.json" if run_dir is not None else None)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        result["output"] = str(out)
-    return result
+    result["evaluated"] = timestamp()
+    return write_result(result, loaded.default_output("zeroshot", output))

@@ -9,7 +9,6 @@ re-normalisation) in :meth:`Method.after_step`.  Nothing about a particular meth
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -17,8 +16,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from clcli.errors import CheckpointError
+from clcli.errors import CheckpointError, ClcliError
 from clcli.recipe import MethodConfig, Recipe, validate_recipe
+from clcli.schedules import steps_for_epochs
 
 
 @dataclass
@@ -86,17 +86,35 @@ class BuildContext:
         For the papers' early-training safeguards (SwAV's prototype freeze and queue start, DINO's
         last-layer freeze and teacher-temperature warm-up): they protect the network's first steps, so unlike
         :attr:`epochs_to_steps` they are not shrunk when the run is shorter than the recipe's
-        ``trainer.reference_epochs``.  Not capped at the run's length.
+        ``trainer.reference_epochs``.  Not capped at the run's length.  The rounding is the run
+        plan's (:func:`clcli.schedules.steps_for_epochs`, without a reference length).
         """
-        return int(math.floor(epochs * self.steps_per_epoch + 0.5))
+        return steps_for_epochs(epochs, self.steps_per_epoch)
 
 
 class Method(nn.Module):
-    """Base class of every method; subclasses set ``config_class`` and implement :meth:`training_step`."""
+    """Base class of every method; subclasses set ``config_class`` and implement :meth:`training_step`.
+
+    Optional capabilities that shared code relies on are declared here with their defaults; a
+    method that has one sets its flag and overrides the matching methods:
+
+    * ``needs_index``: per-image state addressed by sample index (memory banks, pseudo-labels);
+      such a method refuses a streaming source, and its checkpoint records the dataset size.
+    * ``needs_text``: the batch carries the images' captions (CLIP).
+    * ``has_bank_features``: :meth:`bank_features` returns one row per training image, the
+      reference set of ``eval.features: bank`` (kNN only; InstDisc, arXiv:1805.01978).
+    * ``has_text_tower``: :meth:`encode_image`, :meth:`encode_text` and :meth:`logit_scale_value`
+      serve zero-shot classification (CLIP, arXiv:2103.00020); :meth:`zeroshot_templates` names
+      the prompt templates it uses by default.
+    * :meth:`rebuild_encoder`: rebuilds an exported composite encoder (``extra_metadata()`` with
+      ``composite: True``) from its file alone.
+    """
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     needs_index: ClassVar[bool] = False  # per-image state addressed by sample index (memory banks)
     needs_text: ClassVar[bool] = False  # the batch carries captions (CLIP)
+    has_bank_features: ClassVar[bool] = False  # bank_features() gives the kNN reference set
+    has_text_tower: ClassVar[bool] = False  # encode_image / encode_text / logit_scale_value (zero-shot)
     paper: ClassVar[str] = ""
 
     backbone: nn.Module
@@ -156,6 +174,35 @@ class Method(nn.Module):
 
     def extra_metadata(self) -> dict[str, Any]:
         return {}
+
+    # -- optional capabilities (see the class docstring) ------------------------------------
+    def _lacks(self, what: str) -> ClcliError:
+        return ClcliError(f"the {self.cfg.name} method has no {what}")
+
+    def bank_features(self) -> torch.Tensor:
+        """The memory bank ``[n, D]`` (fp32, CPU), row = sample index; only with ``has_bank_features``."""
+        raise self._lacks("memory bank")
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings ``[B, D]`` for zero-shot; only with ``has_text_tower``."""
+        raise self._lacks("text tower (zero-shot classification needs one)")
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings ``[N, D]`` for zero-shot; only with ``has_text_tower``."""
+        raise self._lacks("text tower (zero-shot classification needs one)")
+
+    def logit_scale_value(self) -> float:
+        """The scale of zero-shot logits (image-text cosine similarity times this); only with ``has_text_tower``."""
+        raise self._lacks("text tower (zero-shot classification needs one)")
+
+    def zeroshot_templates(self) -> str | None:
+        """The prompt-template set zero-shot uses by default (a set name, file or template); None: the tool's."""
+        return None
+
+    @classmethod
+    def rebuild_encoder(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> nn.Module:
+        """The exported composite encoder rebuilt from its tensors and metadata (methods that export one)."""
+        raise CheckpointError(f"the {meta.get('method', cls.__name__)} method does not export a composite encoder")
 
 
 def rebuild_from_recipe(

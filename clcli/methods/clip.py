@@ -128,6 +128,7 @@ class _BytesState(nn.Module):
 class CLIP(Method):
     config_class = CLIPConfig
     needs_text = True
+    has_text_tower = True
     paper = "arXiv:2103.00020"
 
     def __init__(self, cfg: CLIPConfig, ctx: BuildContext) -> None:
@@ -341,6 +342,9 @@ class CLIP(Method):
 
     def logit_scale_value(self) -> float:
         return float(self.logit_scale.detach().exp().clamp(max=self.cfg.max_logit_scale))
+
+    def zeroshot_templates(self) -> str:
+        return self.cfg.zeroshot_templates
 
     def extra_metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"text_tower": self.cfg.text_tower, "embed_dim": self.cfg.embed_dim}

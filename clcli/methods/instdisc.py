@@ -60,6 +60,7 @@ class InstDisc(Method):
     config_class = InstDiscConfig
     paper = "arXiv:1805.01978"
     needs_index = True
+    has_bank_features = True
 
     def __init__(self, cfg: InstDiscConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)

@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from clcli.errors import RecipeError
-from clcli.recipe import ViewGroup
+from clcli.views.pipelines import declared_view_names
 
 __all__ = [
     "ViewPassMode",
@@ -138,9 +138,10 @@ def describe_view_passes(passes: ViewPassMode) -> str:
 def views_of(view_names: Sequence[str], groups: Sequence[str], what: str = "views") -> list[int]:
     """The positions of the views whose group name is in ``groups``, in declared order.
 
-    ``view_names``: the group name of each view (``Batch.view_names`` or the recipe's groups
-    expanded by count).  A group name that no view has is a :class:`RecipeError` naming ``what``
-    (the config field) and the groups the recipe declares.
+    ``view_names``: the group name of each view (``Batch.view_names``, or
+    :func:`~clcli.views.pipelines.declared_view_names` of the recipe's groups).  A group name that
+    no view has is a :class:`RecipeError` naming ``what`` (the config field) and the groups the
+    recipe declares.
     """
     declared = list(dict.fromkeys(view_names))
     missing = [g for g in groups if g not in declared]
@@ -151,8 +152,3 @@ def views_of(view_names: Sequence[str], groups: Sequence[str], what: str = "view
         )
     wanted = set(groups)
     return [i for i, name in enumerate(view_names) if name in wanted]
-
-
-def declared_view_names(groups: Sequence[ViewGroup]) -> list[str]:
-    """One group name per view, in the order the views stage produces them (``global`` x2, ``local`` x6, ...)."""
-    return [g.name for g in groups for _ in range(g.count)]

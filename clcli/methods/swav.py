@@ -12,21 +12,16 @@ Paper details kept here:
 * prototypes are re-normalised at the start and after every optimiser step, and frozen (their
   gradient dropped) during the first epoch (313 iterations at batch 4096).  The freeze is counted
   in this run's epochs, never shrunk with a short run's schedule: moving prototypes let the
-  network reach a trivial solution early on.  In a one-epoch CIFAR run with the freeze shrunk to
-  4 steps, the prototypes lost one direction (one singular value fell from about 1 to 0.014),
-  every embedding moved onto that direction (cosine 0.96 between images; scores spread 0.01
-  across prototypes, against ε = 0.05), codes and predictions became uniform, and the loss sat
-  at log K from step 40 on; kNN fell below the untrained network;
+  network reach a trivial solution early on (the prototypes lose a direction, every embedding
+  moves onto it, codes and predictions become uniform and the loss sits at log K);
 * Sinkhorn's sums run over the global batch across processes (:func:`clcli.dist.all_reduce_sum`);
 * for small batches a FIFO queue of each code crop's past embeddings is scored with the current
   prototypes and added to the Sinkhorn problem (only the batch's rows of the result are used); it
   starts filling at ``queue_start_epoch`` and is used once full, as in the official scripts.  Like
   the freeze, that point is counted in this run's epochs, not shrunk: the queue is only sound once
-  the network moves slowly.  Shrunk to step 97 of a one-epoch CIFAR run (the preset's epoch 50 of
-  200), the queue held 30 steps of embeddings from a network still near its peak learning rate;
-  the batch's hard assignments narrowed (entropy 4.5 → 1.6 nats, of log 128 = 4.85) and kNN fell
-  to 0.353, below the untrained backbone (0.365).  Without the queue the same run keeps that
-  entropy near 4.0 and scores 0.383.
+  the network moves slowly.  A queue filled early holds stale embeddings from a network still near
+  its peak learning rate, and the batch's hard assignments narrow towards a few prototypes, so a
+  run shorter than ``queue_start_epoch`` has no queue.
 
 The code crops are forwarded apart from the other crops (one pass per resolution group in each
 part), so their codes cannot depend on the local crops even through BatchNorm's batch statistics,

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from clcli.errors import RecipeError
 from clcli.recipe import BackboneConfig
+from clcli.registry import BACKBONES
 
 __all__ = [
     "BUILTIN_BACKBONES",
@@ -60,8 +61,8 @@ def resnet(depth: int, *, cifar_stem: bool, in_channels: int = 3, init: str = "t
     only the weights' direction matters, but their size sets how far a learning rate turns them.  The
     pytorch weights are smaller in every convolution but the first (sqrt(6) times where inputs and
     outputs are as many, sqrt(3) where the channels double; the first, 3 channels in and 64 out, is
-    larger), and in ten SimSiam steps the same learning rate turned them about three times as far on
-    average (``bench/init_turn.py``).
+    larger), so the same learning rate turns them further: settings tuned for one initialisation are
+    not the same training with the other.
     """
     if depth not in _RESNET_BUILDERS:
         raise RecipeError(f"resnet depth must be one of {sorted(_RESNET_BUILDERS)}, got {depth}")
@@ -289,10 +290,14 @@ BUILTIN_BACKBONES: dict[str, Callable[[BackboneConfig], nn.Module]] = {
 
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
-    """Build the backbone named by ``cfg.name``; an unknown name is a :class:`RecipeError`."""
-    try:
-        builder = BUILTIN_BACKBONES[cfg.name]
-    except KeyError:
-        allowed = ", ".join(sorted(BUILTIN_BACKBONES))
-        raise RecipeError(f"model.backbone.name: unknown backbone {cfg.name!r}; allowed: {allowed}") from None
+    """A fresh backbone named by ``cfg.name``: a built-in, or one a plug-in registered in :data:`BACKBONES`.
+
+    An unknown name is a :class:`RecipeError` that lists the names available.
+    """
+    builder = BUILTIN_BACKBONES.get(cfg.name)
+    if builder is None:
+        if cfg.name not in BACKBONES:
+            allowed = ", ".join(BACKBONES.names())
+            raise RecipeError(f"model.backbone.name: unknown backbone {cfg.name!r}; allowed: {allowed}")
+        builder = BACKBONES.get(cfg.name)
     return builder(cfg)

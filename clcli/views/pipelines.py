@@ -14,7 +14,7 @@ BYOL's asymmetric views (arXiv:2006.07733), solarisation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torchvision.transforms import v2
@@ -67,6 +67,15 @@ def eval_pipeline(size: int, resize: int | None = None, interpolation: str = "bi
     return v2.Compose([resize_to, v2.CenterCrop(size)])
 
 
+def declared_view_names(groups: Sequence[ViewGroup]) -> list[str]:
+    """One group name per view, in the order the views stage produces them (``global`` x2, ``local`` x6, ...).
+
+    The one place that expands view groups into per-view names: :class:`ViewMaker`, the trainer's
+    batches (``Batch.view_names``) and the methods that pick views by group name all use it.
+    """
+    return [g.name for g in groups for _ in range(g.count)]
+
+
 class ViewMaker:
     """Turns one uint8 image into the recipe's views, in declared order (group by group)."""
 
@@ -76,7 +85,7 @@ class ViewMaker:
 
     @property
     def names(self) -> list[str]:
-        return [g.name for g in self.groups for _ in range(g.count)]
+        return declared_view_names(self.groups)
 
     @property
     def sizes(self) -> list[int]:

@@ -10,9 +10,9 @@ batch 128, bf16), then classifies test images from label text with the 18 CIFAR-
   and their harmonic mean, both plain and with each label's scores standardised over the test
   set (``--calibrate zscore``).
 
-    python bench/lit_heldout.py --held cat,truck
+    PYTHONPATH=bench python bench/notes/lit_heldout.py --held cat,truck
 
-Results are merged into bench/results/lit_heldout.json.
+Results are merged into bench/notes/results/lit_heldout.json.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 from _common import CIFAR, ROOT, environment, merge_results
 from rich.console import Console
 
-from clcli.assemble import pretrain
 from clcli.evaluate.zeroshot import zeroshot
 from clcli.recipe import load_recipe
+from clcli.train import pretrain
 
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-RESULTS = ROOT / "bench" / "results"
+RESULTS = ROOT / "bench" / "notes" / "results"
 
 
 def main() -> None:

@@ -8,10 +8,10 @@ each (initialisation, learning rate) and reports the mean angle, in degrees, bet
 convolution's weights before and after, so one-epoch figures of code with either initialisation can
 be compared at the learning rates that move the network alike.
 
-    python bench/init_turn.py                      # simsiam, lightly's settings, 10 steps of 64
-    python bench/init_turn.py --runs torchvision:0.06 pytorch:0.06 torchvision:0.18
+    PYTHONPATH=bench python bench/notes/init_turn.py                   # simsiam, lightly's settings, 10 steps of 64
+    PYTHONPATH=bench python bench/notes/init_turn.py --runs torchvision:0.06 pytorch:0.06 torchvision:0.18
 
-Results are merged into bench/results/init_turn.{json,md}.
+Results are merged into bench/notes/results/init_turn.{json,md}.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from rich.console import Console
 from clcli.assemble import prepare_training
 from clcli.recipe import load_recipe
 
-RESULTS = ROOT / "bench" / "results"
+RESULTS = ROOT / "bench" / "notes" / "results"
 LIGHTLY = [o for o in LIGHTLY_SIMSIAM if not o.startswith("optim.lr=")]  # the lr is each run's own
 
 

@@ -1,0 +1,19 @@
+"""The one device rule: training, evaluation and export all place models with :func:`pick_device`."""
+
+from __future__ import annotations
+
+import torch
+
+from clcli.errors import TrainingError
+
+
+def pick_device(choice: str) -> torch.device:
+    """The device for ``trainer.device``: ``cuda`` when asked for or (``auto``) when present, else the CPU.
+
+    Asking for ``cuda`` where there is none is a :class:`~clcli.errors.TrainingError`.
+    """
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise TrainingError("trainer.device is 'cuda' but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")

@@ -1,0 +1,208 @@
+"""Everything about a run folder: its resolved recipe, its provenance, loading it, resume checks.
+
+A run folder (``clcli pretrain --out RUN``) holds ``recipe.yaml`` (the resolved recipe),
+``provenance.json`` (versions, git commit, command, and one entry per resumption), ``metrics.jsonl``
+and checkpoint folders (see :mod:`clcli.engine.checkpoint`).  Evaluation and export rebuild the
+run's method from the first and the latest (or a chosen) checkpoint with :func:`load_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clcli import __version__
+from clcli.engine import checkpoint as ckpt
+from clcli.engine.determinism import determinism_state
+from clcli.engine.device import pick_device
+from clcli.errors import CheckpointError, ClcliError, RecipeError
+from clcli.methods.base import BuildContext, Method
+from clcli.models.backbones import build_backbone
+from clcli.recipe import Recipe, validate_recipe
+from clcli.registry import METHODS
+
+# Settings that may differ between a run and its resumption (they do not change the maths of a step).
+RESUMABLE_CHANGES = {
+    ("trainer", "epochs"),
+    ("trainer", "steps"),
+    ("trainer", "log_every"),
+    ("trainer", "checkpoint_every"),
+    ("trainer", "keep_checkpoints"),
+    ("trainer", "device"),
+    ("trainer", "threads"),
+    ("trainer", "deterministic"),
+    ("trainer", "online_knn_every"),
+    ("data", "num_workers"),
+}
+
+
+# ------------------------------------------------------------------------------ provenance
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def provenance(recipe: Recipe) -> dict[str, Any]:
+    """Versions, platform, git commit, recipe hash, determinism settings and the command of this process."""
+    import torchvision
+
+    return {
+        "clcli": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": _git_commit(),
+        "recipe_hash": recipe.digest(),
+        "determinism": determinism_state(),
+        "command": sys.argv,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+# ------------------------------------------------------------------------- run folder I/O
+def claim_run_folder(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint of ``out`` to resume from, or None to start afresh.
+
+    A folder that already holds a run is refused unless ``resume`` (continue it) or ``overwrite``
+    (delete it first) is given.
+    """
+    out = Path(out)
+    existing = ckpt.latest_checkpoint(out) if out.exists() else None
+    if out.exists() and (out / "recipe.yaml").exists() and not resume:
+        if not overwrite:
+            raise ClcliError(
+                f"{out} already holds a run; use --resume to continue it, --overwrite to replace it, or another --out"
+            )
+        shutil.rmtree(out)
+        existing = None
+    return existing
+
+
+def record_run(out: Path, recipe: Recipe, *, resumed_at: int | None = None) -> None:
+    """Write ``recipe.yaml`` and ``provenance.json``; a resumption (``resumed_at``: its step) is appended."""
+    out = Path(out)
+    (out / "recipe.yaml").write_text(recipe.to_yaml())
+    prov_path = out / "provenance.json"
+    prov = provenance(recipe)
+    if resumed_at is not None and prov_path.exists():
+        old = json.loads(prov_path.read_text())
+        old.setdefault("resumed", []).append({"step": resumed_at, **prov})
+        prov = old
+    ckpt.atomic_write_text(prov_path, json.dumps(prov, indent=2))
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of a run's ``metrics.jsonl``, in order (the trainer writes one per logged step)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_run_recipe(run_dir: Path) -> Recipe:
+    """The validated recipe saved in a run folder."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a clcli run folder (it has no recipe.yaml)")
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{path} is not valid YAML: {exc}") from None
+    try:
+        return validate_recipe(raw)
+    except RecipeError as exc:
+        raise CheckpointError(f"the recipe saved in {run_dir} is not valid: {exc}") from None
+
+
+# --------------------------------------------------------------------------- resume policy
+def _diff(a: Any, b: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[tuple[str, ...]] = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), path + (k,))
+        return out
+    return [] if a == b else [path]
+
+
+def check_resumable(saved: dict[str, Any], current: Recipe) -> None:
+    """Refuse to resume a run with a recipe that changes the maths of a step."""
+    changed = [p for p in _diff(saved, current.to_dict()) if p[:2] not in RESUMABLE_CHANGES]
+    if changed:
+        names = ", ".join(".".join(p) for p in changed[:8])
+        raise CheckpointError(
+            f"this run folder was trained with another recipe (different: {names}); "
+            "resume with the same recipe and overrides, or choose another --out"
+        )
+
+
+# ---------------------------------------------------------------------------------- load
+def load_run(
+    run_dir: Path, checkpoint: Path | None = None, device: torch.device | None = None
+) -> tuple[Recipe, Method, Path]:
+    """Rebuild a run's method with the weights of its latest (or the given) checkpoint, in eval mode.
+
+    ``device`` defaults to the training rule (:func:`~clcli.engine.device.pick_device` of the
+    recipe's ``trainer.device``).
+    """
+    recipe = read_run_recipe(Path(run_dir))
+    path = ckpt.resolve_checkpoint(Path(checkpoint)) if checkpoint else ckpt.latest_checkpoint(Path(run_dir))
+    if path is None:
+        raise CheckpointError(f"run folder {run_dir} has no checkpoint yet")
+    state = json.loads((path / ckpt.STATE_FILE).read_text())
+    if state.get("recipe_hash") != recipe.digest():
+        try:
+            check_resumable(state.get("recipe", {}), recipe)
+        except CheckpointError:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with another recipe than {run_dir}/recipe.yaml"
+            ) from None
+    device = device or pick_device(recipe.trainer.device)
+    cls = METHODS.get(recipe.method.name)
+    steps = max(int(state.get("step", 1)), 1)
+    ctx = BuildContext(
+        recipe=recipe,
+        build_backbone=lambda: build_backbone(recipe.model.backbone),
+        dataset_size=_dataset_size_from_state(cls, path),
+        num_classes=None,
+        steps_per_epoch=steps,
+        total_steps=steps,
+        epochs_to_steps=lambda e: int(e * steps),
+        device=device,
+    )
+    method = cls(recipe.method, ctx)
+    weights = ckpt.load_model_state(path)
+    try:
+        method.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit the {recipe.method.name} recipe: {exc}") from None
+    method.to(device).eval()
+    return recipe, method, path
+
+
+def _dataset_size_from_state(cls: type[Method], path: Path) -> int | None:
+    """Methods with per-image state (memory banks) need the training-set size to rebuild their buffers."""
+    if not cls.needs_index:
+        return None
+    state = json.loads((path / ckpt.STATE_FILE).read_text())
+    return state.get("dataset_size")

@@ -1,0 +1,47 @@
+"""Pre-training as a workflow: build the stages of a recipe, attach online evaluation, train.
+
+:func:`pretrain` is what ``clcli pretrain`` runs and the library's entry point for training from
+Python; :func:`clcli.assemble.prepare_training` builds the same stages without running them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from clcli.assemble import prepare_training
+from clcli.evaluate.online import make_online_knn
+from clcli.recipe import Recipe
+
+
+def pretrain(
+    recipe: Recipe,
+    out: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train a recipe into the run folder ``out``; returns a summary of the run.
+
+    With ``trainer.online_knn_every`` the backbone is scored by kNN on the recipe's own splits
+    (:func:`clcli.evaluate.online.make_online_knn`) every that many epochs.
+    """
+    stages = prepare_training(
+        recipe,
+        out,
+        resume=resume,
+        overwrite=overwrite,
+        console=console,
+        show_progress=show_progress,
+        online_eval=make_online_knn,
+    )
+    if console is not None:
+        console.print(stages.trainer.schedule_table())
+    summary = stages.trainer.fit()
+    summary["recipe"] = recipe.name
+    summary["method"] = recipe.method.name
+    return summary
