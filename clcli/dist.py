@@ -59,6 +59,20 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def local_share(x: torch.Tensor) -> torch.Tensor:
+    """This process's contiguous share along dim 0 of a tensor every process holds whole; all of it in one process.
+
+    For draws and buffers that are global (the same on every rank): rank r of W gets rows
+    r*n/W .. (r+1)*n/W - 1, the rows its part of the global batch would have had in one process.
+    """
+    if not is_distributed():
+        return x
+    world = world_size()
+    if x.shape[0] % world != 0:
+        raise ValueError(f"{x.shape[0]} rows do not split evenly over {world} processes")
+    return x.chunk(world)[rank()]
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Average ``x`` over processes (in place where distributed); identity in one process."""
     if is_distributed():

@@ -155,11 +155,13 @@ def init_distributed(device: torch.device, timeout: datetime.timedelta = datetim
 
 
 def teardown() -> None:
-    """End the process group if :func:`init_distributed` started it (after a last barrier)."""
+    """End the process group if :func:`init_distributed` started it.
+
+    No barrier: a process that failed must be free to exit (torchrun then stops the others) rather
+    than wait for peers that may be blocked elsewhere.
+    """
     global _owned
     if _owned and dist.is_distributed():
-        with contextlib.suppress(RuntimeError):
-            torch_dist.barrier()
         torch_dist.destroy_process_group()
     _owned = False
 
