@@ -6,6 +6,8 @@ methods call these unconditionally and the same code runs under ``torchrun`` and
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as torch_dist
 
@@ -91,6 +93,15 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         torch_dist.broadcast(x, src)
     return x
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as process ``src`` has it (any picklable value); ``obj`` itself in one process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def barrier() -> None:

@@ -449,3 +449,28 @@ def test_a_failing_rank_fails_the_call_with_its_traceback(world: World) -> None:
     # last in the module: it kills the world (rank 0 is left waiting in a barrier)
     with pytest.raises(RankFailed, match=r"(?s)rank\(s\) \[0, 1\].*ValueError: rank one says no"):
         world.run(_on_ranks_fail_on_rank_one, timeout=60)
+
+
+# ------------------------------------------------------------------------------ other commands
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_commands_other_than_pretrain_refuse_a_multi_process_launch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, rank: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from clcli.cli import app
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    for name, value in {**LAUNCH, "RANK": rank, "LOCAL_RANK": rank}.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "backbone.safetensors"
+    for args in (["eval", "knn", "--run", str(tmp_path)], ["export", "--run", str(tmp_path), "--out", str(out)]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, res.output
+        if rank == "0":  # the main process says why, once
+            assert "runs in one process, and torchrun started 2" in res.output
+        else:
+            assert res.output == ""
+    assert not out.exists()

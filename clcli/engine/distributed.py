@@ -12,6 +12,7 @@ this module only starts and ends the group and answers questions about it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -151,6 +152,7 @@ def init_distributed(device: torch.device, timeout: datetime.timedelta = datetim
             f"of {launch.world_size} ({backend}): {exc}"
         ) from None
     _owned = True
+    atexit.register(teardown)  # leave the group when the process ends (no barrier: see teardown)
     return DistInfo(launch.rank, launch.local_rank, launch.world_size, backend, device)
 
 
@@ -174,6 +176,23 @@ def distributed_session(device: torch.device) -> Iterator[DistInfo]:
         yield info
     finally:
         teardown()
+
+
+def refuse_multi_process(what: str) -> None:
+    """Stop a command that runs in one process when torchrun started several: nothing is done twice.
+
+    The main process raises the message (a :class:`DistributedError`); the others exit quietly
+    with the same status, so the user reads it once.
+    """
+    launch = launch_env()
+    if launch is None or launch.world_size == 1:
+        return
+    if launch.rank != 0:
+        raise SystemExit(2)
+    raise DistributedError(
+        f"{what} runs in one process, and torchrun started {launch.world_size}; run it without torchrun "
+        "(clcli ... or python -m clcli ...). Only `clcli pretrain` trains data-parallel"
+    )
 
 
 def per_rank_batch(global_batch: int, world_size: int | None = None) -> int:
