@@ -76,6 +76,20 @@ def accumulating(module: nn.Module, last_micro_batch: bool) -> Iterator[None]:
         yield
 
 
+@torch.no_grad()
+def share_main_state(module: nn.Module) -> None:
+    """Every rank takes rank 0's parameters and buffers (after state computed outside a step).
+
+    A method's epoch set-up (a memory bank filled by encoding every image, k-means pseudo-labels)
+    runs on every rank from the same weights and seeds; CUDA kernels need not be bitwise
+    reproducible, so rank 0's result is made everyone's.
+    """
+    if not dist.is_distributed():
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, 0)
+
+
 def any_rank(flag: bool | torch.Tensor) -> bool:
     """True on every rank when ``flag`` is true on at least one (a stop request, a non-finite loss)."""
     if not dist.is_distributed():

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from clcli import dist
 from clcli.engine import checkpoint as ckpt
-from clcli.engine.ddp import accumulating, any_rank, data_parallel, mean_over_ranks
+from clcli.engine.ddp import accumulating, any_rank, data_parallel, mean_over_ranks, share_main_state
 from clcli.engine.loader import CollatedBatch, ViewsDataset, epoch_loader, sample_seed, stream_loader
 from clcli.engine.optim import build_optimizer
 from clcli.errors import CheckpointError, TrainingError
@@ -368,6 +368,7 @@ class Trainer:
         # a method's epoch set-up can take minutes (filling a memory bank, k-means): say so
         bar.say(f"epoch {s.epoch + 1}: {self.recipe.method.name} epoch set-up")
         epoch_metrics = self.method.on_epoch_start(s.epoch, s.step)
+        share_main_state(self.method)
         if epoch_metrics:
             self._log({"step": s.step, "epoch": s.epoch, **epoch_metrics})
 
@@ -422,7 +423,7 @@ class Trainer:
         live.last_loss = float(mean_over_ranks(live.loss)) / max(live.steps, 1)  # the global batch's loss
         record = {"step": s.step, "epoch": s.epoch, "loss": live.last_loss, "lr": live.lr, "images_per_s": rate}
         for k, v in live.metrics.items():
-            record[k] = float(mean_over_ranks(torch.as_tensor(v)))
+            record[k] = float(mean_over_ranks(torch.as_tensor(v, device=self.device)))
         self._log(record)
         bar.say(f"loss {live.last_loss:.4f}  lr {live.lr:.3g}  {rate:.0f} img/s")
         live.restart(now)
