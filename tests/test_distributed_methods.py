@@ -110,3 +110,35 @@ def test_two_processes_train_like_one(world: World, tmp_path: Path, name: str) -
     # float sums in another order (global BN statistics combined from two halves, gathered logits),
     # amplified by three optimiser steps (LARS in MoCo v3): about 2e-5 on the first convolution
     assert_states_close(ranks[0]["state"], one["state"], atol=1e-4, rtol=1e-3)
+
+
+def _plan_and_refusal(out: str) -> dict[str, Any]:
+    """A rank's view of a run: its peak lr and first batch; and the refusal of a batch that does not split."""
+    from clcli.assemble import prepare_training
+    from clcli.errors import DistributedError
+    from clcli.recipe import load_recipe
+
+    recipe = load_recipe("simclr", tiny_overrides("simclr", *FASTER, "optim.lr_scaling=linear"))
+    stages = prepare_training(recipe, Path(out))
+    first = next(iter(stages.trainer._batches()))
+    try:
+        prepare_training(load_recipe("simclr", tiny_overrides("simclr", *FASTER, "trainer.batch_size=15")), Path(out))
+        refusal = ""
+    except DistributedError as exc:
+        refusal = str(exc)
+    return {"peak_lr": stages.trainer.plan.peak_lr, "first": first.index.tolist(), "refusal": refusal}
+
+
+def test_the_global_batch_is_split_and_scales_the_lr(world: World, tmp_path: Path) -> None:
+    from clcli.assemble import prepare_training
+    from clcli.recipe import load_recipe
+
+    ranks = world.run(_plan_and_refusal, str(tmp_path / "two"))
+    one = prepare_training(
+        load_recipe("simclr", tiny_overrides("simclr", *FASTER, "optim.lr_scaling=linear")), tmp_path / "one"
+    )
+    whole = next(iter(one.trainer._batches())).index.tolist()
+    assert [r["first"] for r in ranks] == [whole[:8], whole[8:]]  # 16 = 8 + 8, in order
+    assert ranks[0]["peak_lr"] == ranks[1]["peak_lr"] == one.trainer.plan.peak_lr  # scaled by 16, not 8
+    for r in ranks:
+        assert "trainer.batch_size=15 is the global batch and must split evenly over the 2 processes" in r["refusal"]
