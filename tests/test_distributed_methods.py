@@ -43,6 +43,9 @@ METHODS = [
     "clip",
 ]
 
+#: SwAV's queue from the first step: 32 rows fill in two steps of 16 and take part in the third
+EXTRA = {"swav": ["method.queue_length=32", "method.queue_start_epoch=0"]}
+
 #: how the two-process run compares with one process, where it cannot be equal
 #: CPC: plain data parallelism, each process contrasts its own patches (no gathered negatives), which
 #:      is exactly one process on half the batch with two accumulated micro-batches.
@@ -62,6 +65,7 @@ def _train(name: str, overrides: list[str], out: str) -> dict[str, Any]:
     stages.trainer.fit()
     return {
         "losses": [r["loss"] for r in stages.trainer.state.history if "loss" in r],
+        "last": stages.trainer.state.history[-1],
         "state": {k: v.detach().clone() for k, v in stages.method.state_dict().items()},
     }
 
@@ -87,7 +91,7 @@ def world() -> Any:
 
 @pytest.mark.parametrize("name", METHODS)
 def test_two_processes_train_like_one(world: World, tmp_path: Path, name: str) -> None:
-    overrides = tiny_overrides(name, *FASTER)
+    overrides = tiny_overrides(name, *FASTER, *EXTRA.get(name, []))
     if name not in PER_PROCESS_BN:
         overrides.append("method.sync_batchnorm=true")
     ranks = world.run(_train, name, overrides, str(tmp_path / "two"))
@@ -104,6 +108,8 @@ def test_two_processes_train_like_one(world: World, tmp_path: Path, name: str) -
         assert int(ranks[0]["state"]["queue.count"]) == 3 * 16 * 2
         return
     assert_states_close(ranks[1]["state"], ranks[0]["state"], atol=0, rtol=0)  # the ranks never drift apart
+    if name == "swav":  # the queue took the gathered embeddings and took part in the last step
+        assert ranks[0]["last"]["queue_used"] == 1.0 and int(ranks[0]["state"]["queues.0.count"]) == 3 * 16
     reference = [*overrides, "trainer.batch_size=8", "trainer.accumulate=2"] if name in ACCUMULATES else overrides
     one = _train(name, reference, str(tmp_path / "one"))
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
