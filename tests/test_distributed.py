@@ -168,7 +168,7 @@ def _on_ranks_ddp_accumulation(seed: int, global_batch: int, accumulate: int) ->
         rows = slice(k * global_batch, (k + 1) * global_batch)
         (ref.training_step((x[rows], y[rows]), 0) / accumulate).backward()
 
-    module = data_parallel(method, torch.device("cpu"), sync_batchnorm=True)
+    module = data_parallel(method, torch.device("cpu"), sync_batchnorm=True, find_unused_parameters=True)
     start, stop = shard_bounds(global_batch, dist.rank(), dist.world_size())
     for k in range(accumulate):
         rows = slice(k * global_batch + start, k * global_batch + stop)

@@ -40,15 +40,16 @@ class StepModule(nn.Module):
 
 
 def data_parallel(
-    method: nn.Module, device: torch.device, *, sync_batchnorm: bool = False, find_unused_parameters: bool = True
+    method: nn.Module, device: torch.device, *, sync_batchnorm: bool = False, find_unused_parameters: bool = False
 ) -> nn.Module:
     """The module the trainer calls for a training step: DDP around ``method`` when several processes train.
 
     ``sync_batchnorm`` first makes the method's plain batch norms global-batch (see
-    :mod:`clcli.engine.syncbn`).  ``find_unused_parameters`` (on by default) lets a step leave
-    trainable parameters out (a frozen tower, a head used every other step): without it DDP would
-    never average the gradient bucket that holds them.  The method's parameters are the same
-    objects afterwards, so an optimiser built on them before still trains them.
+    :mod:`clcli.engine.syncbn`).  ``find_unused_parameters`` (a method's
+    ``ddp_find_unused_parameters``) lets a step leave trainable parameters out (a head used every
+    other step): without it DDP never averages the gradient bucket that holds them and stops with
+    an error at the next step.  The method's parameters are the same objects afterwards, so an
+    optimiser built on them before still trains them.
     """
     if dist.world_size() == 1:
         return StepModule(method)
