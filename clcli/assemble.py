@@ -19,9 +19,9 @@ from rich.console import Console
 from clcli.data import ImageSource, StreamSource
 from clcli.data.sources import limit_source, open_data
 from clcli.engine import checkpoint as ckpt
+from clcli.engine.batched_views import BatchedViewsDataset, resolve_backend
 from clcli.engine.determinism import enable_determinism
 from clcli.engine.device import pick_device
-from clcli.engine.batched_views import BatchedViewsDataset, resolve_backend
 from clcli.engine.loader import StreamViewsDataset, ViewsDataset
 from clcli.engine.trainer import Trainer
 from clcli.errors import DataError

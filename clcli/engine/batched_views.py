@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from clcli.data import ImageSource
-from clcli.errors import BadImageError, DataError, RecipeError
 from clcli.engine.loader import CollatedBatch, ViewsDataset
+from clcli.errors import BadImageError, DataError, RecipeError
 from clcli.recipe import Recipe
 from clcli.views.batched import BatchedViews, unsupported_pipelines
 

@@ -88,9 +88,7 @@ class BatchedViews:
     def sizes(self) -> list[int]:
         return [g.size for g in self.groups for _ in range(g.count)]
 
-    def __call__(
-        self, images: torch.Tensor, seeds: Sequence[int] | np.ndarray | torch.Tensor
-    ) -> list[torch.Tensor]:
+    def __call__(self, images: torch.Tensor, seeds: Sequence[int] | np.ndarray | torch.Tensor) -> list[torch.Tensor]:
         if images.dim() != 4 or images.dtype != torch.uint8:
             raise DataError(
                 f"batched views need uint8 images [B, C, H, W] of one size, got {images.dtype} {tuple(images.shape)}"

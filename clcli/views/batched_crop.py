@@ -115,7 +115,8 @@ def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_
 
 
 def resample(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``rows @ x @ cols^T`` per sample: float ``x`` [B, C, H, W], ``rows`` [B, h, H], ``cols`` [B, w, W] -> [B, C, h, w]."""
+    """``rows @ x @ cols^T`` per sample: float ``x`` [B, C, H, W], ``rows`` [B, h, H], ``cols`` [B, w, W]
+    -> [B, C, h, w]."""
     y = torch.matmul(rows.unsqueeze(1), x)  # [B, C, h, W]
     return torch.matmul(y, cols.transpose(1, 2).unsqueeze(1))
 
