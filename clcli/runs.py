@@ -8,6 +8,8 @@ run's method from the first and the latest (or a chosen) checkpoint with :func:`
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import platform
 import shutil
@@ -165,7 +167,13 @@ def _diff(a: Any, b: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
 
 
 def check_resumable(saved: dict[str, Any], current: Recipe) -> None:
-    """Refuse to resume a run with a recipe that changes the maths of a step."""
+    """Refuse to resume a run with a recipe that changes the maths of a step.
+
+    The saved recipe is first resolved under today's schema, so a field added since the run was saved
+    counts at its default instead of as a difference.
+    """
+    with contextlib.suppress(ClcliError):  # a recipe today's schema refuses is compared as it was saved
+        saved = validate_recipe(copy.deepcopy(saved)).to_dict()
     changed = [p for p in _diff(saved, current.to_dict()) if p[:2] not in RESUMABLE_CHANGES]
     if changed:
         names = ", ".join(".".join(p) for p in changed[:8])

@@ -77,7 +77,7 @@ def _global_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]
     total = counts.sum()
     global_mean = (counts * means).sum(0) / total
     global_m2 = (m2s + counts * (means - global_mean).square()).sum(0)
-    return global_mean, global_m2 / total, float(total)
+    return global_mean, global_m2 / total, float(total.detach())
 
 
 #: The layers a conversion replaces: torch's own batch norms, never a subclass with its own rule
