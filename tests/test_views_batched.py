@@ -24,7 +24,8 @@ from clcli.engine.batched_views import (
 from clcli.engine.loader import epoch_loader, sample_seed
 from clcli.errors import DataError, RecipeError
 from clcli.recipe import ViewGroup, ViewsConfig, load_recipe
-from clcli.views.batched import BatchedViews, make_group_view
+from clcli.views.batched import BatchedViews, make_group_view, view_stream
+from clcli.views.batched_color import apply_photometric
 from clcli.views.batched_crop import crop_draws, resized_crop, sample_boxes
 from clcli.views.pipelines import center_pipeline
 from clcli.views.sample_random import SampleRandom
@@ -266,3 +267,29 @@ def test_cli_batched_on_images_of_several_sizes_ends_with_one_message(tmp_path):
     result = CliRunner().invoke(app, args + set_args("views.backend=batched", "trainer.steps=1"))
     assert result.exit_code == 2
     assert "images of one size" in result.output and "Traceback" not in result.output
+
+
+def test_a_view_is_crop_and_flip_then_the_colour_ops_on_the_same_stream():
+    group = ViewGroup(size=12, count=1, blur_p=0.5, solarize_p=0.2)
+    x, seeds = _images(16, 20, 20), [sample_seed(3, 0, i) for i in range(16)]
+    out = BatchedViews(ViewsConfig(groups=[group]))(x, seeds)[0]
+    rng = SampleRandom(seeds, view_stream(0, 0))
+    boxes = sample_boxes(rng, 20, 20, group.crop_scale, group.crop_ratio)
+    flip = rng.uniform(1)[:, 0] < group.hflip_p
+    expected = apply_photometric(resized_crop(x.float() / 255, boxes, 12, flip).clamp(0, 1), group, rng)
+    assert torch.equal(out, (expected * 255).round().clamp(0, 255).to(torch.uint8))
+
+
+def test_cpc_batched_views_are_patch_grids():
+    recipe = tiny_recipe("cpc", "views.backend=batched")
+    group = recipe.views.groups[0]
+    views = BatchedViews(recipe.views)(_images(4, 8, 8), [1, 2, 3, 4])
+    rows = (group.size - group.patch_size) // group.patch_stride + 1
+    assert [tuple(v.shape) for v in views] == [(4, rows * rows, 3, group.patch_size, group.patch_size)]
+    assert views[0].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("name", ["swav", "cpc"])
+def test_multi_crop_and_patch_grid_runs_resume_exactly_with_batched_views(tmp_path, name):
+    recipe = tiny_recipe(name, "views.backend=batched", "trainer.steps=4")
+    assert_exact_resume(recipe, tmp_path, stop_after=2)

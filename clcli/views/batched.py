@@ -12,7 +12,10 @@ depend only on its seed and its image, never on the batch it lands in or on the 
 Pipelines, mirroring :mod:`clcli.views.pipelines`:
 
 * ``simclr``: random resized crop (``crop_scale``, ``crop_ratio``) to ``size``, horizontal flip
-  (``hflip_p``), then the colour operations of the group;
+  (``hflip_p``), then the group's colour jitter, grayscale, blur and solarisation
+  (:func:`~clcli.views.batched_color.apply_photometric`);
+* ``cpc``: the same crop and flip, then the augmented patch grid [B, P, 3, p, p]
+  (:func:`~clcli.views.batched_special.apply_special`);
 * ``center``: shorter side resized to ``size``, centre crop, nothing random.
 """
 
@@ -25,14 +28,13 @@ import torch
 
 from clcli.errors import DataError, RecipeError
 from clcli.recipe import ViewGroup, ViewsConfig
-from clcli.views._color_standin import apply_photometric, apply_special
+from clcli.views.batched_color import BATCHED_PIPELINES, apply_photometric
 from clcli.views.batched_crop import center_crop_weights, resample, resized_crop, sample_boxes
+from clcli.views.batched_special import apply_special
 from clcli.views.pipelines import declared_view_names
 from clcli.views.sample_random import SampleRandom
 
 __all__ = ["BATCHED_PIPELINES", "BatchedViews", "make_group_view", "unsupported_pipelines", "view_stream"]
-
-BATCHED_PIPELINES = ("simclr", "center")
 
 
 def view_stream(group_index: int, copy_index: int) -> int:
@@ -64,8 +66,7 @@ def make_group_view(x: torch.Tensor, group: ViewGroup, rng: SampleRandom) -> tor
     flip = rng.uniform(1)[:, 0] < group.hflip_p
     out = resized_crop(x, boxes, group.size, flip).clamp_(0.0, 1.0)
     out = apply_photometric(out, group, rng)
-    special = apply_special(out, group, rng)
-    return _to_uint8(out if special is None else special)
+    return _to_uint8(apply_special(out, group, rng))
 
 
 class BatchedViews:
