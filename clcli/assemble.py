@@ -20,6 +20,7 @@ from clcli import dist
 from clcli.data import ImageSource, StreamSource
 from clcli.data.sources import limit_source, open_data
 from clcli.engine import checkpoint as ckpt
+from clcli.engine.batched_views import BatchedViewsDataset, resolve_backend
 from clcli.engine.determinism import enable_determinism
 from clcli.engine.device import pick_device
 from clcli.engine.distributed import init_distributed, per_rank_batch
@@ -34,6 +35,7 @@ from clcli.registry import METHODS
 from clcli.runs import check_resumable, claim_run_folder, record_run
 from clcli.schedules import make_plan
 from clcli.views import ViewMaker
+from clcli.views.batched import BatchedViews
 
 # Builds a run's online evaluator (method -> metrics) from its resolved recipe and device, or None.
 OnlineEvalFactory = Callable[[Recipe, torch.device], Callable[[Method], dict[str, float]] | None]
@@ -113,12 +115,15 @@ def prepare_training(
         source = limit_source(source, data.limit)
         if len(source) == 0:
             raise DataError(f"the training split {data.train_split!r} of {data.source} has no images")
+    backend, _ = resolve_backend(recipe, source, device)
     views = ViewMaker(recipe.views)
     plan = make_plan(recipe, len(source) if isinstance(source, ImageSource) else None)
     method = build_method(recipe, plan, source, device)
     stream_factory = None
-    if isinstance(source, ImageSource):
-        dataset: Any = ViewsDataset(source, views, data.skip_bad_images, with_text=method.needs_text)
+    if isinstance(source, ImageSource) and backend == "batched":
+        dataset: Any = BatchedViewsDataset(source, BatchedViews(recipe.views), data.skip_bad_images, method.needs_text)
+    elif isinstance(source, ImageSource):
+        dataset = ViewsDataset(source, views, data.skip_bad_images, with_text=method.needs_text)
     else:
         dataset = None
         stream_source = source

@@ -112,6 +112,11 @@ class ViewsConfig(StrictModel):
     std: tuple[float, float, float] = IMAGENET_STD
     eval_size: int = Field(32, ge=1, description="evaluation images are resized and centre-cropped to this")
     eval_resize: int | None = Field(None, description="shorter side before the centre crop (default: eval_size)")
+    backend: Literal["auto", "per_sample", "batched"] = Field(
+        "auto",
+        description="per_sample: views made image by image in the data loader; batched: made from the whole "
+        "batch on the training device (images of one size); auto: batched where it applies and is faster",
+    )
 
     @model_validator(mode="after")
     def _non_empty(self) -> ViewsConfig:

@@ -86,6 +86,8 @@ def _augment(views: ViewMaker, image: torch.Tensor, seed: int) -> list[torch.Ten
 class ViewsDataset(Dataset):
     """Map-style: (index, seed) -> the image's views, or None for a skipped bad image."""
 
+    backend = "per_sample"
+
     def __init__(
         self, source: ImageSource, views: ViewMaker, skip_bad_images: bool = False, with_text: bool = False
     ) -> None:
@@ -137,6 +139,8 @@ class CollatedBatch:
     label: torch.Tensor
     skipped: int
     text: list[str | None] | None = None
+    images: torch.Tensor | None = None  # batched views: uint8 [B, C, H, W], views made on the device
+    seeds: torch.Tensor | None = None  # batched views: the samples' seeds, int64 [B]
 
 
 def collate(samples: list[Sample | None]) -> CollatedBatch:
@@ -176,7 +180,7 @@ def epoch_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=getattr(dataset, "collate_fn", collate),
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(sample_seed(seed, epoch, -2)),

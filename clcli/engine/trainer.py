@@ -23,6 +23,7 @@ from rich.table import Table
 
 from clcli import dist
 from clcli.engine import checkpoint as ckpt
+from clcli.engine.batched_views import device_views
 from clcli.engine.ddp import accumulating, any_rank, data_parallel, mean_over_ranks, share_main_state
 from clcli.engine.loader import CollatedBatch, ViewsDataset, epoch_loader, sample_seed, stream_loader
 from clcli.engine.optim import build_optimizer
@@ -186,6 +187,7 @@ class Trainer:
             "images per epoch": str(p.dataset_size) if p.dataset_size is not None else "streaming",
             "batch x accumulate": f"{r.trainer.batch_size} x {r.trainer.accumulate}",
             "steps per epoch": str(p.steps_per_epoch),
+            "views": getattr(self.dataset, "backend", "per_sample"),
             "total steps": str(p.total_steps),
             "optimiser": f"{r.optim.name}, peak lr {p.peak_lr:g} ({r.optim.lr_scaling} scaling of {r.optim.lr:g})",
             "lr schedule": f"{p.lr.warmup_steps} warm-up steps, then {p.lr.kind}",
@@ -251,10 +253,8 @@ class Trainer:
     def _to_batch(self, cb: CollatedBatch) -> Batch:
         r = self.recipe
         views = [
-            normalize_batch(
-                v.to(self.device, non_blocking=True), r.views.mean, r.views.std, channels_last=r.trainer.channels_last
-            )
-            for v in cb.views
+            normalize_batch(v, r.views.mean, r.views.std, channels_last=r.trainer.channels_last)
+            for v in device_views(cb, self.dataset, self.device)
         ]
         names = declared_view_names(r.views.groups)
         return Batch(views, names, cb.index.to(self.device), cb.label.to(self.device), cb.text)
@@ -447,6 +447,7 @@ class Trainer:
             "final_loss": final_loss,
             "seconds": round(s.elapsed, 2),
             "skipped_bad_images": s.skipped_bad_images,
+            "views_backend": getattr(self.dataset, "backend", "per_sample"),
             "interrupted": interrupted,
             "checkpoint": str(ckpt.latest_checkpoint(self.run_dir)),
         }
