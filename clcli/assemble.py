@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from clcli.data import ImageSource, StreamSource
+from clcli.data.cache import decoded_once
 from clcli.data.sources import limit_source, open_data
 from clcli.engine import checkpoint as ckpt
 from clcli.engine.determinism import enable_determinism
@@ -108,6 +109,7 @@ def prepare_training(
         source = limit_source(source, data.limit)
         if len(source) == 0:
             raise DataError(f"the training split {data.train_split!r} of {data.source} has no images")
+    source = decoded_once(source, data, console=console, progress=show_progress)
     views = ViewMaker(recipe.views)
     plan = make_plan(recipe, len(source) if isinstance(source, ImageSource) else None)
     method = build_method(recipe, plan, source, device)
