@@ -90,6 +90,7 @@ def train_rate(args: argparse.Namespace, cache: str, cache_dir: Path) -> float:
         f"data.limit={args.batch * (2 + args.train_steps)}",
         f"data.cache={cache}",
         f"data.cache_dir={cache_dir}",
+        f"trainer.threads={args.threads}",
     ]
     recipe = load_recipe(args.recipe, overrides)
     tmp = Path(tempfile.mkdtemp(prefix="clcli-cache-speed-"))
@@ -113,7 +114,9 @@ def main() -> None:
     p.add_argument("--train-batch", type=int, default=128)
     p.add_argument("--train-workers", type=int, default=1)
     p.add_argument("--precision", default="bf16")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of this process (and of the training runs)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     console = Console(stderr=True)
     cache_dir = Path(tempfile.mkdtemp(prefix="clcli-cache-bench-"))
     rows: list[dict] = []
