@@ -375,3 +375,17 @@ def test_recipe_fields_and_resume_rules() -> None:
     assert load_recipe("simclr", ["data.cache=off"]).data.cache == "off"  # YAML reads a bare off as false
     assert {("data", "cache"), ("data", "cache_dir"), ("data", "cache_budget")} <= RESUMABLE_CHANGES
     assert ("data", "cache_size") not in RESUMABLE_CHANGES  # it changes the pixels of large images
+
+
+def test_bench_rows_keep_matching_their_preset() -> None:
+    """The cache settings do not change what a run computes, so a benchmark row's recipe hash leaves them out
+    (rows measured before they existed keep matching); a stored size does change the pixels, and counts."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import _common
+
+    base = _common.recipe_hash(load_recipe("simclr"))
+    moved = ["data.cache=off", "data.cache_dir=/elsewhere", "data.cache_budget=0.9"]
+    assert _common.recipe_hash(load_recipe("simclr", moved)) == base
+    assert _common.recipe_hash(load_recipe("simclr", ["data.cache_size=64"])) != base
