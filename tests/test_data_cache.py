@@ -336,6 +336,17 @@ def test_cache_folder_from_the_environment_unless_the_recipe_names_one(
     assert not (tmp_path / "off").exists()
 
 
+def test_an_unwritable_cache_folder_is_a_note_or_an_error(tmp_path: Path) -> None:
+    source = open_source(str(png_folder(tmp_path / "data", n=2)))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder", encoding="utf-8")
+    console, out = recorder()
+    assert decoded_once(source, config(blocked, cache="auto"), console=console) is source
+    assert "cannot make the cache folder" in out.getvalue()
+    with pytest.raises(DataError, match="cannot make the cache folder"):
+        decoded_once(source, config(blocked))
+
+
 def test_cli_lists_and_cleans_the_cache(tmp_path: Path) -> None:
     from clcli.cli import app
 
@@ -361,7 +372,8 @@ def test_training_from_the_cache_repeats_and_resumes_exactly(tmp_path: Path) -> 
     data = [f"data.source={CIFAR / 'train.parquet'}", f"data.cache_dir={tmp_path / 'cache'}"]
     cached = tiny_recipe("simclr", *data, "data.cache=disk")
     assert_exact_resume(cached, tmp_path, stop_after=3)
-    assert len(entries_in(tmp_path / "cache")) == 1
+    (entry,) = cache_entries(str(tmp_path / "cache"))  # the first 256 rows, found fresh when the data is reopened
+    assert entry["images"] == 256 and entry["stale"] is None
     assert run_losses(tiny_recipe("simclr", *data, "data.cache=off"), tmp_path / "off") == losses(tmp_path / "full")
     prepare_training(cached, tmp_path / "mixed").trainer.fit(stop_after=3)  # cut with the cache, resumed without
     pretrain(tiny_recipe("simclr", *data, "data.cache=off"), tmp_path / "mixed", resume=True)

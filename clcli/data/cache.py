@@ -306,7 +306,10 @@ def _build(
     """Decode every image of ``source`` into a new entry ``root/key`` (see the module docstring)."""
     n, marker = len(source), root / f"{key}.mixed"
     if marker.is_file():
-        raise _NotCached(json.loads(marker.read_text(encoding="utf-8"))["reason"])
+        try:
+            raise _NotCached(json.loads(marker.read_text(encoding="utf-8"))["reason"])
+        except (ValueError, KeyError, TypeError):  # a damaged marker: look again
+            marker.unlink(missing_ok=True)
     fitted = isinstance(source, FittedSource)
     slot, probed = ((source.size, source.size), []) if fitted else _probe(source)
     shape = (n, 3, *slot)
@@ -363,25 +366,22 @@ def _cached(source: ImageSource, data: DataConfig, console: Console, progress: b
         except OSError as exc:
             raise _NotCached(f"cannot make the cache folder {root}: {exc.strerror or exc}") from None
         wait = f"waiting for another process that is decoding the same images into {root / key}"
-        with entry_lock(root, key, on_wait=lambda: _say(console, wait)):
-            entry, damage = _lookup(root / key)
-            if damage is not None:
-                _say(console, f"the cached images {root / key} are damaged ({damage}): decoding again", note=True)
-                discard(root / key)
-            if entry is None:
-                meta = {
-                    "fingerprint": fingerprint,
-                    "source": {"spec": source.spec, "split": source.split, "images": len(source)},
-                    "reopen": {
-                        "image_column": data.image_column,
-                        "label_column": data.label_column,
-                        "text_column": data.text_column,
-                    },
-                }
-                try:
+        columns = {"image_column": data.image_column, "label_column": data.label_column}
+        meta = {
+            "fingerprint": fingerprint,
+            "source": {"spec": source.spec, "split": source.split, "images": len(source)},
+            "reopen": {**columns, "text_column": data.text_column},
+        }
+        try:
+            with entry_lock(root, key, on_wait=lambda: _say(console, wait)):
+                entry, damage = _lookup(root / key)
+                if damage is not None:
+                    _say(console, f"the cached images {root / key} are damaged ({damage}): decoding again", note=True)
+                    discard(root / key)
+                if entry is None:
                     entry = _build(source, root, key, data, console, progress, meta)
-                except OSError as exc:
-                    raise _NotCached(f"cannot write the cache in {root}: {exc.strerror or exc}") from None
+        except OSError as exc:
+            raise _NotCached(f"cannot write the cache in {root}: {exc.strerror or exc}") from None
     else:
         _check_budget(int(np.prod(entry.meta["shape"])), data)
         _say(console, f"images of {source.spec} read from the cache {entry.path}")

@@ -1,7 +1,7 @@
 """Listing and cleaning the decoded-image cache (``clcli cache list`` / ``clcli cache clean``).
 
 An entry is stale when its data no longer gives the entry's key: the data is reopened as the entry
-recorded it (spec, split, columns, then the limit and stored size its fingerprint names), and its
+recorded it (spec, split, columns, then the window of records and stored size its fingerprint names), and its
 fingerprint hashed again; data that cannot be opened any more makes it stale too.  The same holds for
 the markers of data whose images differ in size.  Folders left by an interrupted writer (whose
 process is gone, or older than a day) are leftovers.
@@ -17,18 +17,18 @@ from typing import Any
 from clcli.data.base import ImageSource
 from clcli.data.cache import FittedSource
 from clcli.data.cache_store import cache_root, discard, entry_key, leftover
-from clcli.data.sources import limit_source, open_source
+from clcli.data.sources import open_source, window_source
 from clcli.errors import DataError
 
 __all__ = ["cache_entries", "clean_cache"]
 
 
 def _rewrap(source: ImageSource, fingerprint: dict[str, Any]) -> ImageSource:
-    """``source`` wrapped as the fingerprint says it was (fitted, limited)."""
+    """``source`` wrapped as the fingerprint says it was (fitted, a window of its records)."""
     if fingerprint.get("kind") == "fit":
         return FittedSource(_rewrap(source, fingerprint["inner"]), int(fingerprint["size"]))
-    if fingerprint.get("kind") == "limit":
-        return limit_source(_rewrap(source, fingerprint["inner"]), int(fingerprint["n"]))
+    if fingerprint.get("kind") == "window":
+        return window_source(_rewrap(source, fingerprint["inner"]), int(fingerprint["start"]), int(fingerprint["stop"]))
     return source
 
 

@@ -176,7 +176,7 @@ class _Window(ImageSource):
 
     def fingerprint(self) -> dict[str, Any] | None:
         inner = self.inner.fingerprint()
-        return None if inner is None else {"kind": "limit", "n": self.limit, "inner": inner}
+        return None if inner is None else {"kind": "window", "start": self.start, "stop": self.stop, "inner": inner}
 
 
 def limit_source(source: ImageSource, limit: int | None) -> ImageSource:
