@@ -81,7 +81,15 @@ HASH_NEUTRAL: dict[tuple[str, ...], Any] = {
 
 # Fields added to the schema after rows were recorded that do not change what a one-process run
 # computes: left out of the hash, so the rows measured before they existed keep matching their preset.
-HASH_DROPPED: tuple[tuple[str, ...], ...] = (("method", "sync_batchnorm"),)
+# The decoded-image cache (data.cache, cache_dir, cache_budget) gives the pixels decoding gives; data.cache_size
+# changes them, so it is left out only at its default (no resizing), as the rows before it ran.
+HASH_DROPPED: tuple[tuple[str, ...], ...] = (
+    ("method", "sync_batchnorm"),
+    ("data", "cache"),
+    ("data", "cache_dir"),
+    ("data", "cache_budget"),
+)
+HASH_DROPPED_AT_DEFAULT: dict[tuple[str, ...], Any] = {("data", "cache_size"): None}
 
 
 def data_name(source: str) -> str:
@@ -108,11 +116,12 @@ def recipe_hash(recipe: Recipe) -> str:
         section[path[-1]] = value
     raw["data"]["source"] = data_name(raw["data"]["source"])
     resolved = validate_recipe(raw).to_dict()
-    for path in HASH_DROPPED:
+    for path in (*HASH_DROPPED, *HASH_DROPPED_AT_DEFAULT):
         section = resolved
         for part in path[:-1]:
             section = section.get(part, {})
-        section.pop(path[-1], None)
+        if path in HASH_DROPPED or section.get(path[-1]) == HASH_DROPPED_AT_DEFAULT[path]:
+            section.pop(path[-1], None)
     text = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 

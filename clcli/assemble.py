@@ -18,6 +18,7 @@ from rich.console import Console
 
 from clcli import dist
 from clcli.data import ImageSource, StreamSource
+from clcli.data.cache import decoded_once
 from clcli.data.sources import limit_source, open_data
 from clcli.engine import checkpoint as ckpt
 from clcli.engine.batched_views import BatchedViewsDataset, resolve_backend
@@ -115,6 +116,7 @@ def prepare_training(
         source = limit_source(source, data.limit)
         if len(source) == 0:
             raise DataError(f"the training split {data.train_split!r} of {data.source} has no images")
+    source = decoded_once(source, data, console=console, progress=show_progress)
     backend, _ = resolve_backend(recipe, source, device)
     views = ViewMaker(recipe.views)
     plan = make_plan(recipe, len(source) if isinstance(source, ImageSource) else None)

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from clcli.cli_cache import cache_app
 from clcli.cli_options import (
     ActivationOpt,
     CkptOpt,
@@ -50,6 +51,7 @@ eval_app = typer.Typer(
 recipes_app = typer.Typer(help="List the built-in recipes or show one fully resolved.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 app.add_typer(recipes_app, name="recipes")
+app.add_typer(cache_app, name="cache")
 
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from clcli.errors import RecipeError
 
@@ -65,6 +65,29 @@ class DataConfig(StrictModel):
     skip_bad_images: bool = Field(False, description="count and report unreadable images instead of stopping")
     limit: int | None = Field(None, ge=1, description="use only the first N training records")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process)")
+    cache: Literal["auto", "disk", "off"] = Field(
+        "auto",
+        description="decode the training images once into a memory-mapped file reused across runs: auto (when they "
+        "fit data.cache_budget of the available memory), disk (always), off (decode on every read)",
+    )
+    cache_dir: str | None = Field(
+        None, description="where decoded images are kept (default $CLCLI_CACHE_DIR, else ~/.cache/clcli)"
+    )
+    cache_size: int | None = Field(
+        None,
+        ge=1,
+        description="downscale training images whose longer side exceeds this (aspect kept), so that images of "
+        "different sizes can be cached; applies cached or not",
+    )
+    cache_budget: float = Field(
+        0.5, gt=0, le=1, description="auto: the largest fraction of the available memory the decoded images may take"
+    )
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_word(cls, value: Any) -> Any:
+        """YAML reads ``off`` (and ``on``) as booleans: false is ``off``, true ``auto``."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
 
 # -------------------------------------------------------------------------------------- views

@@ -43,6 +43,9 @@ RESUMABLE_CHANGES = {
     ("trainer", "deterministic"),
     ("trainer", "online_knn_every"),
     ("data", "num_workers"),
+    ("data", "cache"),
+    ("data", "cache_dir"),
+    ("data", "cache_budget"),
 }
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,12 @@ from PIL import Image
 # Set CLCLI_TEST_CUDA=1 to leave the GPU visible anyway.
 if os.environ.get("CLCLI_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+# Training decodes its images once into a cache (clcli.data.cache, data.cache=auto by default): in the
+# tests it lives in a folder of this session, removed at exit, never in ~/.cache.
+_CACHE_DIR = tempfile.mkdtemp(prefix="clcli-test-cache-")
+os.environ["CLCLI_CACHE_DIR"] = _CACHE_DIR
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10"
 

@@ -36,6 +36,7 @@ LAYERS = [
     ("clcli.train", 4),
     ("clcli.cli", 5),
     ("clcli.cli_options", 5),
+    ("clcli.cli_cache", 5),
     ("clcli.__main__", 5),
 ]
 MAX_LINES = 500

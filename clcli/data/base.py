@@ -9,6 +9,8 @@ names, used by folder and table sources alike.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +26,8 @@ __all__ = [
     "MapStream",
     "StreamSource",
     "check_index",
+    "file_stamp",
+    "files_digest",
     "is_image_name",
 ]
 
@@ -48,6 +52,26 @@ SPLIT_NAMES = (
 def is_image_name(name: str) -> bool:
     """Whether a file name has an image extension (and is not hidden)."""
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def file_stamp(path: str) -> list[Any]:
+    """``[absolute path, size, modification time in ns]`` of a file; size and time -1 when it cannot be read."""
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, -1, -1]
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def files_digest(paths: list[str]) -> str:
+    """sha256 of the :func:`file_stamp` of every file in order: changes when a file is added, removed,
+    renamed, resized or rewritten."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(json.dumps(file_stamp(path)).encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 class ImageSource:
@@ -83,6 +107,13 @@ class ImageSource:
     def describe(self, i: int) -> str:
         """A human name for record ``i``: its file path, or ``"<file> row N"``."""
         raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        """What identifies the decoded images, as JSON-able data that changes whenever they may change
+        (for files: each file's path, size and modification time), or ``None`` when the source cannot
+        tell: :mod:`clcli.data.cache` caches decoded images under this fingerprint and never caches a
+        source without one (the default, so a plug-in source is not cached unless it says how)."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, split={self.split!r}, n={len(self)})"

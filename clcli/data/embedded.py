@@ -10,6 +10,7 @@ with ``numpy.random.default_rng(0)``, whose first 1,437 records are ``train`` an
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,6 +70,19 @@ class DigitsSource(ImageSource):
 
     def describe(self, i: int) -> str:
         return f"{self.spec} {self.split} record {i} (load_digits row {self._rows[i]})"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The set's name and split, the fixed split's seed and size, and scikit-learn's version."""
+        import sklearn
+
+        return {
+            "kind": "embedded",
+            "name": "digits",
+            "split": self.split,
+            "seed": DIGITS_SEED,
+            "train_size": DIGITS_TRAIN_SIZE,
+            "sklearn": sklearn.__version__,
+        }
 
 
 def open_embedded(

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from clcli.data.base import IMAGE_EXTENSIONS, SPLIT_NAMES, ImageSource, check_index, is_image_name
+from clcli.data.base import IMAGE_EXTENSIONS, SPLIT_NAMES, ImageSource, check_index, files_digest, is_image_name
 from clcli.data.images import read_image_file
 from clcli.errors import DataError
 
@@ -160,6 +161,10 @@ class FolderSource(ImageSource):
     def describe(self, i: int) -> str:
         return self._paths[i]
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The split and the sorted image files with their sizes and modification times."""
+        return {"kind": "folder", "split": self.split, "n": len(self._paths), "files": files_digest(self._paths)}
+
 
 class ImageFiles(ImageSource):
     """The images of one file or of a folder (recursively, sorted by path), without labels.
@@ -198,3 +203,7 @@ class ImageFiles(ImageSource):
 
     def describe(self, i: int) -> str:
         return self._files[i]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The image files with their sizes and modification times."""
+        return {"kind": "files", "n": len(self._files), "files": files_digest(self._files)}

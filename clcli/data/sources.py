@@ -174,6 +174,10 @@ class _Window(ImageSource):
     def describe(self, i: int) -> str:
         return self.inner.describe(self.start + i)
 
+    def fingerprint(self) -> dict[str, Any] | None:
+        inner = self.inner.fingerprint()
+        return None if inner is None else {"kind": "window", "start": self.start, "stop": self.stop, "inner": inner}
+
 
 def limit_source(source: ImageSource, limit: int | None) -> ImageSource:
     """The first ``limit`` records of ``source``; ``source`` itself when ``limit`` is ``None`` or >= its length."""

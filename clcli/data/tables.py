@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from clcli.data.base import SPLIT_NAMES, ImageSource, check_index
+from clcli.data.base import SPLIT_NAMES, ImageSource, check_index, file_stamp
 from clcli.data.folders import subfolders
 from clcli.data.images import image_from_value
 from clcli.errors import BadImageError, DataError
@@ -302,6 +302,22 @@ class TableSource(ImageSource):
     def text(self, i: int) -> str | None:
         i = check_index(i, self._n, self._where)
         return None if self.text_column is None else as_text(self._value(self.text_column, i))
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        """The files (path, size, modification time), split, image column and row count; ``None`` for a
+        table only in memory or one that names image files by path (their changes would go unseen)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        files = self._data_files or [str(c["filename"]) for c in self._dataset.cache_files]
+        column = self._dataset.data.table.column(self.image_column)
+        by_path = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+        if pa.types.is_struct(column.type) and column.type.get_field_index("bytes") >= 0:
+            by_path = any(pc.sum(pc.and_(pc.is_valid(c), pc.is_null(c.field("bytes")))).as_py() for c in column.chunks)
+        if not files or by_path:
+            return None
+        stamps, column = [file_stamp(f) for f in files], self.image_column
+        return {"kind": "table", "split": self.split, "image_column": column, "rows": self._n, "files": stamps}
 
     def describe(self, i: int) -> str:
         i = check_index(i, self._n, self._where)
