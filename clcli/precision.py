@@ -67,3 +67,15 @@ def with_precision(recipe: Recipe, precision: Precision) -> Recipe:
 def use_bf16(requested: str, device: torch.device) -> bool:
     """Whether bf16 autocast should be on for ``requested`` precision on ``device``."""
     return resolve_precision(requested, device)[0] == "bf16"
+
+
+def use_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """Whether the networks and their input batches use the channels-last (NHWC) memory format.
+
+    ``trainer.channels_last`` true or false is kept as it is.  ``auto`` is on for a CUDA device
+    (cuDNN's convolutions, tensor-core ones above all, run in NHWC without transposing) and
+    CPU_RULE_PENDING
+    """
+    if setting == "auto":
+        return device.type == "cuda"
+    return bool(setting)

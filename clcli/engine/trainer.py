@@ -22,10 +22,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from clcli.engine import checkpoint as ckpt
+from clcli.engine.compiled import compile_networks
 from clcli.engine.loader import CollatedBatch, ViewsDataset, epoch_loader, sample_seed, stream_loader
-from clcli.engine.optim import build_optimizer
+from clcli.engine.optim import build_optimizer, set_update_kernels
 from clcli.errors import CheckpointError, TrainingError
 from clcli.methods.base import Batch, Method
+from clcli.precision import use_channels_last
 from clcli.recipe import Recipe
 from clcli.schedules import RunPlan
 from clcli.views import declared_view_names, normalize_batch
@@ -150,9 +152,12 @@ class Trainer:
         self.evaluator = evaluator
         self.stream_dataset_factory = stream_dataset_factory
         self.state = TrainState()
-        if recipe.trainer.channels_last:
+        self.channels_last = use_channels_last(recipe.trainer.channels_last, device)
+        if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(method.param_groups(), recipe.optim, plan.peak_lr)
+        if recipe.trainer.compile:
+            compile_networks(self.method)
+        self.optimizer = build_optimizer(method.param_groups(), recipe.optim, plan.peak_lr, device)
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # ----------------------------------------------------------------------------- schedule
@@ -172,6 +177,8 @@ class Trainer:
         rows = {
             "method": r.method.name,
             "device / precision": f"{self.device.type} / {r.trainer.precision}"
+            + (" / channels-last" if self.channels_last else "")
+            + (" / compiled" if r.trainer.compile else "")
             + (" / deterministic kernels" if r.trainer.deterministic and self.device.type == "cuda" else ""),
             "images per epoch": str(p.dataset_size) if p.dataset_size is not None else "streaming",
             "batch x accumulate": f"{r.trainer.batch_size} x {r.trainer.accumulate}",
@@ -220,6 +227,7 @@ class Trainer:
         try:
             self.method.load_state_dict(model, strict=True)
             self.optimizer.load_state_dict(opt)
+            set_update_kernels(self.optimizer, self.device)  # the checkpoint's are those of the device it came from
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {path} does not fit this recipe's model: {exc}") from None
         ckpt.set_rng_state(rng, state["rng"])
@@ -237,12 +245,13 @@ class Trainer:
         r = self.recipe
         views = [
             normalize_batch(
-                v.to(self.device, non_blocking=True), r.views.mean, r.views.std, channels_last=r.trainer.channels_last
+                v.to(self.device, non_blocking=True), r.views.mean, r.views.std, channels_last=self.channels_last
             )
             for v in cb.views
         ]
         names = declared_view_names(r.views.groups)
-        return Batch(views, names, cb.index.to(self.device), cb.label.to(self.device), cb.text)
+        index, label = (t.to(self.device, non_blocking=True) for t in (cb.index, cb.label))  # no stream sync
+        return Batch(views, names, index, label, cb.text)
 
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
