@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -75,7 +76,11 @@ HASH_NEUTRAL: dict[tuple[str, ...], Any] = {
     ("trainer", "log_every"): 10,
     ("trainer", "checkpoint_every"): 500,
     ("trainer", "keep_checkpoints"): 2,
+    ("trainer", "channels_last"): False,  # a memory layout; False was every row's value before ``auto``
 }
+# Fields added after rows were hashed that say how a run is computed, not what: left out of the hash
+# altogether, so that the rows hashed before them keep their hash.
+HASH_DROPPED: tuple[tuple[str, ...], ...] = (("trainer", "compile"),)
 
 
 def data_name(source: str) -> str:
@@ -93,7 +98,8 @@ def recipe_hash(recipe: Recipe) -> str:
     with the seed and the fields of :data:`HASH_NEUTRAL` neutralised and the data source by name.
 
     It fingerprints the recipe, not the code: a change of behaviour that leaves every field as it
-    was is not seen (a new field or a changed default is a field change, and is)."""
+    was is not seen (a new field or a changed default is a field change, and is, except the fields
+    of :data:`HASH_DROPPED`)."""
     raw = recipe.to_dict()
     for path, value in HASH_NEUTRAL.items():
         section = raw
@@ -101,7 +107,14 @@ def recipe_hash(recipe: Recipe) -> str:
             section = section[part]
         section[path[-1]] = value
     raw["data"]["source"] = data_name(raw["data"]["source"])
-    return validate_recipe(raw).digest()
+    resolved = validate_recipe(raw).to_dict()
+    for path in HASH_DROPPED:
+        section = resolved
+        for part in path[:-1]:
+            section = section[part]
+        section.pop(path[-1], None)
+    text = json.dumps(resolved, sort_keys=True, separators=(",", ":"))  # as Recipe.digest() hashes
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def preset_hashes(name: str, overrides: tuple[str, ...] = (), epochs: float = QUALITY_BUDGET["epochs"]) -> set[str]:
