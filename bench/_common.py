@@ -78,9 +78,11 @@ HASH_NEUTRAL: dict[tuple[str, ...], Any] = {
     ("trainer", "keep_checkpoints"): 2,
     ("trainer", "channels_last"): False,  # a memory layout; False was every row's value before ``auto``
 }
-# Fields added after rows were hashed that say how a run is computed, not what: left out of the hash
-# altogether, so that the rows hashed before them keep their hash.
-HASH_DROPPED: tuple[tuple[str, ...], ...] = (("trainer", "compile"),)
+
+# Fields added to the schema after rows were recorded that do not change what a one-process run
+# computes (or only how: trainer.compile): left out of the hash, so the rows measured before they
+# existed keep matching their preset.
+HASH_DROPPED: tuple[tuple[str, ...], ...] = (("method", "sync_batchnorm"), ("trainer", "compile"))
 
 
 def data_name(source: str) -> str:
@@ -111,9 +113,9 @@ def recipe_hash(recipe: Recipe) -> str:
     for path in HASH_DROPPED:
         section = resolved
         for part in path[:-1]:
-            section = section[part]
+            section = section.get(part, {})
         section.pop(path[-1], None)
-    text = json.dumps(resolved, sort_keys=True, separators=(",", ":"))  # as Recipe.digest() hashes
+    text = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -25,7 +25,7 @@ from clcli.recipe import OptimConfig, load_recipe
 
 from .helpers import losses, tiny_recipe
 
-CPU_AUTO = False  # set from the measurement (see clcli.precision.use_channels_last)
+CPU_AUTO = True  # measured: bench/notes/results/step_options.md (see clcli.precision.use_channels_last)
 REPO = Path(__file__).resolve().parents[1]
 CLCLI = str(REPO / "clcli")
 READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
