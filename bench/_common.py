@@ -76,11 +76,11 @@ HASH_NEUTRAL: dict[tuple[str, ...], Any] = {
     ("trainer", "log_every"): 10,
     ("trainer", "checkpoint_every"): 500,
     ("trainer", "keep_checkpoints"): 2,
+    ("trainer", "channels_last"): False,  # a memory layout; False was every row's value before ``auto``
 }
 
-
 # Fields added to the schema after rows were recorded that do not change what a one-process run
-# computes: left out of the hash, so the rows measured before they existed keep matching their preset.
+# computes (or only how: trainer.compile): left out of the hash, so the rows measured before they existed keep matching their preset.
 # The decoded-image cache (data.cache, cache_dir, cache_budget) gives the pixels decoding gives; data.cache_size
 # changes them, so it is left out only at its default (no resizing), as the rows before it ran.
 HASH_DROPPED: tuple[tuple[str, ...], ...] = (
@@ -88,6 +88,7 @@ HASH_DROPPED: tuple[tuple[str, ...], ...] = (
     ("data", "cache"),
     ("data", "cache_dir"),
     ("data", "cache_budget"),
+    ("trainer", "compile"),
 )
 HASH_DROPPED_AT_DEFAULT: dict[tuple[str, ...], Any] = {("data", "cache_size"): None}
 
@@ -107,7 +108,8 @@ def recipe_hash(recipe: Recipe) -> str:
     with the seed and the fields of :data:`HASH_NEUTRAL` neutralised and the data source by name.
 
     It fingerprints the recipe, not the code: a change of behaviour that leaves every field as it
-    was is not seen (a new field or a changed default is a field change, and is)."""
+    was is not seen (a new field or a changed default is a field change, and is, except the fields
+    of :data:`HASH_DROPPED`)."""
     raw = recipe.to_dict()
     for path, value in HASH_NEUTRAL.items():
         section = raw

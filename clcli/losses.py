@@ -89,7 +89,9 @@ def sinkhorn(
     reduce = all_reduce if all_reduce is not None else (lambda t: t)
     q = torch.exp(scores / epsilon).t()  # [K, B]
     k = q.shape[0]
-    b = float(reduce(torch.tensor(float(q.shape[1]), device=q.device)))
+    b = float(q.shape[1])
+    if all_reduce is not None:  # the global batch (one process knows its own size without asking the device)
+        b = float(all_reduce(torch.tensor(b, device=q.device)))
     total = reduce(q.sum())
     q = q / total
     for _ in range(iterations):

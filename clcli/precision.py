@@ -1,4 +1,4 @@
-"""Which precision a run really uses on the device it runs on.
+"""Which precision (and memory format) a run really uses on the device it runs on.
 
 ``trainer.precision: bf16`` is a speed choice: on a GPU, and on CPUs with bf16 instructions
 (AVX512-BF16, AMX), bf16 autocast runs matrix work several times faster than fp32.  On a CPU
@@ -67,3 +67,18 @@ def with_precision(recipe: Recipe, precision: Precision) -> Recipe:
 def use_bf16(requested: str, device: torch.device) -> bool:
     """Whether bf16 autocast should be on for ``requested`` precision on ``device``."""
     return resolve_precision(requested, device)[0] == "bf16"
+
+
+def use_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """Whether the networks and their input batches use the channels-last (NHWC) memory format.
+
+    ``trainer.channels_last`` true or false is kept as it is.  ``auto`` is on for a CUDA device
+    (cuDNN's convolutions, the tensor-core ones above all, run in NHWC without transposing) and on
+    the CPU, where oneDNN's convolutions take NHWC without reordering each input into a blocked
+    layout first: on two threads the ResNet-18 step ran faster with it, and on one thread no slower
+    (``bench/notes/step_options.py``).  A recipe whose method regroups the batch inside the network
+    (MoCo's shuffling BN) sets it off.
+    """
+    if setting == "auto":
+        return device.type in ("cuda", "cpu")
+    return bool(setting)

@@ -235,7 +235,12 @@ class TrainerConfig(StrictModel):
     batch_size: int = Field(256, ge=2)
     accumulate: int = Field(1, ge=1, description="gradient accumulation; adds no negatives to in-batch losses")
     precision: Precision = "fp32"
-    channels_last: bool = False
+    channels_last: bool | Literal["auto"] = Field(
+        "auto",
+        description="channels-last memory format for the networks and their inputs; auto: the device's faster "
+        "format (clcli.precision.use_channels_last)",
+    )
+    compile: bool = Field(False, description="torch.compile the method's networks (the first steps compile them)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (one is always written at the end)")

@@ -40,6 +40,8 @@ RESUMABLE_CHANGES = {
     ("trainer", "keep_checkpoints"),
     ("trainer", "device"),
     ("trainer", "threads"),
+    ("trainer", "channels_last"),
+    ("trainer", "compile"),
     ("trainer", "deterministic"),
     ("trainer", "online_knn_every"),
     ("data", "num_workers"),

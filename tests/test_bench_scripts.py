@@ -111,6 +111,7 @@ def test_recipe_hash_sees_what_a_run_computes_and_not_where_it_ran():
         Path("/elsewhere/cifar10"), epochs=1.0, batch=128, precision="bf16", seed=3, k=200, temperature=0.1, workers=8
     )
     same = [*elsewhere, "trainer.log_every=1", "trainer.device=cuda", "description=other words"]
+    same += ["trainer.channels_last=true", "trainer.compile=true"]  # how it computes, not what
     assert _common.recipe_hash(load_recipe("simclr", same)) == base  # seed, machine, logging, prose: left out
     for change in ("optim.lr=0.1", "trainer.precision=fp32", "trainer.epochs=4", "eval.knn_k=20", "data.limit=10"):
         assert _common.recipe_hash(load_recipe("simclr", [*budget, change])) != base, change
@@ -164,6 +165,55 @@ def test_speed_and_resume_rows_carry_a_recipe_hash(tmp_path):
         *sets,
     ]
     assert resume[0]["recipe_hash"] == _common.recipe_hash(load_recipe("simclr", overrides))
+
+
+# A tiny network on the embedded digits for the protocol and peer tests (what every recipe below accepts).
+_TINY_SETS = ["model.backbone.name=convnet", "model.backbone.width=8", "views.groups.0.size=16", "views.eval_size=16"]
+
+
+def test_long_protocol_stops_at_the_time_limit_and_resume_finishes_every_recipe(tmp_path):
+    repo = bench_copy(tmp_path)
+    args = ["simclr", "simsiam", "--data", "embedded:digits", "--epochs", "2", "--batch", "32", "--knn-every", "1"]
+    args += ["--precision", "fp32", "--workers", "0", "--runs", str(tmp_path / "runs")]
+    args += [a for s in [*_TINY_SETS, "data.limit=64", "trainer.threads=1"] for a in ("--set", s)]
+    run_script(repo, "long.py", *args, "--time-limit", "0")  # stops after simclr's first step; simsiam waits
+    results = repo / "bench" / "results" / "long.json"
+    (first,) = json.loads(results.read_text())
+    assert first["method"] == "simclr" and first["steps"] == 1 and not first["finished"]
+    assert first["knn_curve"] == [] and first["lightly"] == 0.848 and not first["lightly_same_setting"]
+    with pytest.raises(subprocess.CalledProcessError):  # a started run is continued only when asked
+        run_script(repo, "long.py", *args, "--time-limit", "600")
+    run_script(repo, "long.py", *args, "--time-limit", "600", "--resume")
+    rows = {r["method"]: r for r in json.loads(results.read_text())}
+    assert set(rows) == {"simclr", "simsiam"}
+    for name, row in rows.items():
+        assert row["finished"] and row["steps"] == row["total_steps"] == 4  # 64 images of 32: two steps an epoch
+        assert [e for e, _ in row["knn_curve"]] == [1, 2], name
+        assert all(0.0 <= v <= 1.0 for _, v in row["knn_curve"]) and row["seconds_per_epoch"] > 0
+        assert len(row["recipe_hash"]) == 64
+    assert rows["simclr"]["invocations"] == 2 and rows["simsiam"]["invocations"] == 1
+    assert "| simsiam |" in (repo / "bench" / "results" / "long.md").read_text()
+
+
+def test_peer_speed_measures_clcli_and_lightly_side_by_side(tmp_path):
+    pytest.importorskip("lightly")
+    repo = bench_copy(tmp_path)
+    args = ["--peer", "simclr", "moco-v2", "--data", "embedded:digits", "--batch", "16", "--workers", "0"]
+    args += ["--precision", "fp32", "--steps", "1", "--warmup", "1", "--rounds", "1", "--threads", "1"]
+    run_script(repo, "speed.py", *args, *[a for s in _TINY_SETS for a in ("--set", s)])
+    rows = json.loads((repo / "bench" / "results" / "speed.json").read_text())
+    assert sorted((r["method"], r["impl"]) for r in rows) == [
+        ("moco-v2", "clcli"),
+        ("moco-v2", "lightly"),
+        ("simclr", "clcli"),
+        ("simclr", "lightly"),
+    ]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["model_step_s"] > 0 and len(r["recipe_hash"]) == 64
+    ours, theirs = (next(r for r in rows if r["method"] == "simclr" and r["impl"] == i) for i in ("clcli", "lightly"))
+    assert ours["ratio_images_per_s"] == pytest.approx(ours["images_per_s"] / theirs["images_per_s"], rel=0.01)
+    table = (repo / "bench" / "results" / "peer.md").read_text()
+    assert table.count("| fp32 | cpu |") == 2
 
 
 def _row(
@@ -239,7 +289,7 @@ def test_bars_select_rows_by_recipe_hash_pool_seeds_and_pair_them_with_the_untra
 
 def test_bench_keeps_the_benchmarks_and_notes_hold_the_investigations():
     bench = ROOT / "bench"
-    benchmarks = {"_common.py", "bars.py", "quality.py", "speed.py", "resume_check.py"}
+    benchmarks = {"_common.py", "_lightly_peer.py", "bars.py", "quality.py", "speed.py", "resume_check.py", "long.py"}
     assert {p.name for p in bench.glob("*.py")} == benchmarks
     assert not (bench / "gpu_jobs").exists() and not (bench / "init_turn.py").exists()
     notes = bench / "notes"

@@ -45,29 +45,33 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if group["weight_decay"] != 0:
-                    d = d.add(p, alpha=group["weight_decay"])
-                if group["lars"]:
-                    w_norm = torch.norm(p)
-                    g_norm = torch.norm(d)
-                    trust = torch.where(
-                        (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm)
-                    )
-                    d = d.mul(trust)
-                state = self.state[p]
-                if group["momentum"] != 0:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.clone(d).detach()
-                    else:
-                        buf.mul_(group["momentum"]).add_(d)
-                    d = d.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                p.add_(d, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update_group(group, params)
         return loss
+
+    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """One group's update with foreach ops (one kernel per op for all tensors where the device has them)."""
+        grads = [p.grad for p in params]
+        d = torch._foreach_add(grads, params, alpha=group["weight_decay"]) if group["weight_decay"] != 0 else grads
+        if group["lars"]:
+            w_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(d))
+            trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
+            d = torch._foreach_mul(d, list(trust.unbind()))
+        if group["momentum"] != 0:
+            states = [self.state[p] for p in params]
+            old = [i for i, s in enumerate(states) if "momentum_buffer" in s]
+            for i, s in enumerate(states):
+                if "momentum_buffer" not in s:
+                    s["momentum_buffer"] = d[i].clone()
+            if old:
+                bufs = [states[i]["momentum_buffer"] for i in old]
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, [d[i] for i in old])
+            bufs = [s["momentum_buffer"] for s in states]
+            d = torch._foreach_add(d, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
+        torch._foreach_add_(params, d, alpha=-group["lr"])
 
 
 def optimizer_groups(groups: list[ParamGroup], cfg: OptimConfig) -> list[dict[str, Any]]:
@@ -98,16 +102,42 @@ def optimizer_groups(groups: list[ParamGroup], cfg: OptimConfig) -> list[dict[st
     return out
 
 
-def build_optimizer(groups: list[ParamGroup], cfg: OptimConfig, lr: float) -> Optimizer:
+def update_kernels(device: torch.device | None) -> dict[str, bool | None]:
+    """How torch's SGD and AdamW update the parameters on ``device``: one fused kernel on CUDA,
+    foreach ops (a few calls for all tensors instead of a loop over them) elsewhere."""
+    if device is not None and device.type == "cuda":
+        return {"fused": True, "foreach": None}
+    return {"fused": None, "foreach": True}
+
+
+def set_update_kernels(optimizer: Optimizer, device: torch.device | None) -> None:
+    """Set the update kernels of ``optimizer``'s groups for ``device`` (after a checkpoint from another device)."""
+    if isinstance(optimizer, torch.optim.SGD | torch.optim.AdamW):
+        for group in optimizer.param_groups:
+            group.update(update_kernels(device))
+
+
+def build_optimizer(
+    groups: list[ParamGroup], cfg: OptimConfig, lr: float, device: torch.device | None = None
+) -> Optimizer:
+    """The recipe's optimiser over ``groups``, with the update kernels of ``device`` (:func:`update_kernels`)."""
     param_groups = optimizer_groups(groups, cfg)
     if not param_groups:
         raise ValueError("the method has no trainable parameters")
+    kernels = update_kernels(device)
     if cfg.name == "sgd":
         return torch.optim.SGD(
-            param_groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+            param_groups,
+            lr=lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+            **kernels,
         )
     if cfg.name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(
+            param_groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **kernels
+        )
     return LARS(
         param_groups,
         lr=lr,

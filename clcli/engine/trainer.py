@@ -24,11 +24,13 @@ from rich.table import Table
 from clcli import dist
 from clcli.engine import checkpoint as ckpt
 from clcli.engine.batched_views import device_views
+from clcli.engine.compiled import compile_networks
 from clcli.engine.ddp import accumulating, any_rank, data_parallel, mean_over_ranks, share_main_state
 from clcli.engine.loader import CollatedBatch, ViewsDataset, epoch_loader, sample_seed, stream_loader
-from clcli.engine.optim import build_optimizer
+from clcli.engine.optim import build_optimizer, set_update_kernels
 from clcli.errors import CheckpointError, TrainingError
 from clcli.methods.base import Batch, Method
+from clcli.precision import use_channels_last
 from clcli.recipe import Recipe
 from clcli.schedules import RunPlan
 from clcli.views import declared_view_names, normalize_batch
@@ -154,9 +156,12 @@ class Trainer:
         self.evaluator = evaluator
         self.stream_dataset_factory = stream_dataset_factory
         self.state = TrainState()
-        if recipe.trainer.channels_last:
+        self.channels_last = use_channels_last(recipe.trainer.channels_last, device)
+        if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(method.param_groups(), recipe.optim, plan.peak_lr)
+        if recipe.trainer.compile:
+            compile_networks(self.method)
+        self.optimizer = build_optimizer(method.param_groups(), recipe.optim, plan.peak_lr, device)
         # what a training step calls: the method, or DDP around it when several processes train
         self.step_module = data_parallel(
             self.method,
@@ -183,6 +188,8 @@ class Trainer:
         rows = {
             "method": r.method.name,
             "device / precision": f"{self.device.type} / {r.trainer.precision}"
+            + (" / channels-last" if self.channels_last else "")
+            + (" / compiled" if r.trainer.compile else "")
             + (" / deterministic kernels" if r.trainer.deterministic and self.device.type == "cuda" else ""),
             "images per epoch": str(p.dataset_size) if p.dataset_size is not None else "streaming",
             "batch x accumulate": f"{r.trainer.batch_size} x {r.trainer.accumulate}",
@@ -237,6 +244,7 @@ class Trainer:
         try:
             self.method.load_state_dict(model, strict=True)
             self.optimizer.load_state_dict(opt)
+            set_update_kernels(self.optimizer, self.device)  # the checkpoint's are those of the device it came from
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {path} does not fit this recipe's model: {exc}") from None
         ckpt.set_rng_state(rng, state["rng"])
@@ -253,11 +261,12 @@ class Trainer:
     def _to_batch(self, cb: CollatedBatch) -> Batch:
         r = self.recipe
         views = [
-            normalize_batch(v, r.views.mean, r.views.std, channels_last=r.trainer.channels_last)
+            normalize_batch(v, r.views.mean, r.views.std, channels_last=self.channels_last)
             for v in device_views(cb, self.dataset, self.device)
         ]
         names = declared_view_names(r.views.groups)
-        return Batch(views, names, cb.index.to(self.device), cb.label.to(self.device), cb.text)
+        index, label = (t.to(self.device, non_blocking=True) for t in (cb.index, cb.label))  # no stream sync
+        return Batch(views, names, index, label, cb.text)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.is_main:

@@ -68,6 +68,7 @@ class FeatureQueue(nn.Module):
         self.register_buffer("data", F.normalize(data, dim=1) if init == "random" else data)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self._written = 0  # ``count`` as a Python int, so that no step reads it off the device
 
     @property
     def length(self) -> int:
@@ -75,12 +76,17 @@ class FeatureQueue(nn.Module):
 
     @property
     def full(self) -> bool:
-        return int(self.count) >= self.length
+        """Whether every row has been written."""
+        return self._written >= self.length
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "count" in state_dict:  # the loaded tensor (a checkpoint's is on the host)
+            self._written = int(state_dict[prefix + "count"])
 
     def contents(self) -> torch.Tensor:
         """The stored vectors that have been written (all of them once the queue is full)."""
-        n = min(int(self.count), self.length)
-        return self.data if n >= self.length else self.data[:n]
+        return self.data if self.full else self.data[: self._written]
 
     @torch.no_grad()
     def enqueue(self, x: torch.Tensor) -> None:
@@ -89,16 +95,12 @@ class FeatureQueue(nn.Module):
         if x.shape[0] >= self.length:
             x = x[-self.length :]
         b = x.shape[0]
-        start = int(self.ptr)
-        end = start + b
-        if end <= self.length:
-            self.data[start:end] = x
-        else:
-            first = self.length - start
-            self.data[start:] = x[:first]
-            self.data[: b - first] = x[first:]
-        self.ptr.fill_(end % self.length)
+        # rows ptr, ptr + 1, ... (mod length), addressed on the device: the pointer is never read back
+        rows = torch.arange(b, device=self.ptr.device).add_(self.ptr).remainder_(self.length)
+        self.data.index_copy_(0, rows, x)
+        self.ptr.add_(b).remainder_(self.length)
         self.count.add_(b)
+        self._written += b
 
 
 @torch.no_grad()

@@ -244,7 +244,7 @@ class MoCo(Method):
         x_all = dist.gather_no_grad(x)
         pos = torch.arange(world * b)
         group_of = (pos // b) * g + (pos % b) % g  # device, then row mod g within the device
-        perm = grouped_shuffle(group_of).to(x.device)  # global RNG: checkpointed, so resume is exact
+        perm = grouped_shuffle(group_of).to(x.device, non_blocking=True)  # global RNG: checkpointed, resume is exact
         perm = dist.broadcast(perm, 0)
         mine = perm[rank * b : (rank + 1) * b]
         k = self.key_projector(self.key_backbone(x_all.index_select(0, mine)))

@@ -168,13 +168,16 @@ class SwAV(Method):
                 if use_queue and self.queues[c].full:
                     out = torch.cat([self._scores(dist.local_share(self.queues[c].contents())), out], dim=0)
                     queue_used = True
-                q = sinkhorn(out, cfg.epsilon, cfg.sinkhorn_iterations, all_reduce=dist.all_reduce_sum)[-b:]
+                reduce = dist.all_reduce_sum if dist.is_distributed() else None  # one process: nothing to sum
+                q = sinkhorn(out, cfg.epsilon, cfg.sinkhorn_iterations, all_reduce=reduce)[-b:]
                 codes.append(q)
                 if use_queue:
                     self.queues[c].enqueue(dist.gather_no_grad(zv[s]))
             q_all = torch.stack(codes)  # [C, B, K]
             code_entropy = -(q_all * q_all.clamp_min(1e-12).log()).sum(-1).mean()
-            hard = torch.bincount(q_all.argmax(-1).flatten(), minlength=cfg.num_prototypes).float()
+            # prototype counts of the hard assignments (compared, not bincount, which reads the maximum off the device)
+            labels = q_all.argmax(-1).flatten()
+            hard = (labels.unsqueeze(1) == torch.arange(cfg.num_prototypes, device=labels.device)).sum(0).float()
             p = hard / hard.sum()
             assignment_entropy = -(p * p.clamp_min(1e-12).log()).sum()
 

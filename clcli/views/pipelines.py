@@ -104,8 +104,9 @@ def normalize_batch(
 ) -> torch.Tensor:
     """uint8 [..., C, H, W] -> float32, scaled to [0, 1] and normalised per channel (on x's device)."""
     c = x.shape[-3]
-    m = torch.tensor(mean[:c], device=x.device, dtype=torch.float32).view(-1, 1, 1)
-    s = torch.tensor(std[:c], device=x.device, dtype=torch.float32).view(-1, 1, 1)
+    # made on the host and copied without waiting: a blocking copy would wait for the device's queued work
+    m = torch.tensor(mean[:c], dtype=torch.float32).view(-1, 1, 1).to(x.device, non_blocking=True)
+    s = torch.tensor(std[:c], dtype=torch.float32).view(-1, 1, 1).to(x.device, non_blocking=True)
     out = (x.float() / 255.0 - m) / s
     if channels_last and out.dim() == 4:
         out = out.contiguous(memory_format=torch.channels_last)

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset
 
 from clcli.errors import BadImageError
-from clcli.precision import use_bf16
+from clcli.precision import use_bf16, use_channels_last
 from clcli.recipe import Recipe
 from clcli.views.pipelines import eval_pipeline, normalize_batch
 
@@ -111,6 +111,7 @@ def encode_split(
     )
     out_device = out_device or torch.device("cpu")
     autocast = use_bf16(recipe.trainer.precision, device)
+    channels_last = use_channels_last(recipe.trainer.channels_last, device)
     chunks: list[torch.Tensor] = []
     kept: list[torch.Tensor] = []
     progress = split_progress(description, show=show_progress, console=console)
@@ -121,7 +122,7 @@ def encode_split(
             task = progress.add_task(description, total=len(source))
             for images, idx in loader:
                 if images is not None:
-                    x = normalize_batch(images.to(device), v.mean, v.std, channels_last=recipe.trainer.channels_last)
+                    x = normalize_batch(images.to(device), v.mean, v.std, channels_last=channels_last)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                         out = fn(x)
                     chunks.append(out.float().to(out_device))
