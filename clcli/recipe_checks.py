@@ -180,7 +180,7 @@ def format_validation_error(err: Any, model: type[BaseModel], prefix: str = "") 
             if section is not None:
                 msg += f" (allowed: {', '.join(sorted(section.model_fields))})"
         else:
-            first = msg.split(" ", 1)[0]
+            first = msg.split(" ", 1)[0].removesuffix("'s")
             section = _model_at(model, loc)
             if e["type"] == "value_error" and section is not None and first in section.model_fields:
                 loc = (*loc, first)
@@ -226,15 +226,21 @@ def cross_section_problems(recipe: Any, method_cfg: Any, method_cls: Any) -> lis
     return out + method_cfg.recipe_problems(recipe.model_copy(update={"method": method_cfg}))
 
 
+_WORDS = {1: "one", 2: "two"}
+
+
 def views_problem(
-    recipe: Any, method: str, exactly: int | None = None, at_least: int | None = None
+    recipe: Any, method: str, exactly: int | None = None, at_least: int | None = None, why: str = ""
 ) -> list[tuple[str, str]]:
     """A problem at ``views.groups`` when the recipe makes the wrong number of views per image for ``method``."""
     n = sum(g.count for g in recipe.views.groups)
-    if exactly is not None and n != exactly:
-        return [("views.groups", f"{method} uses exactly {exactly} view(s) per image; the groups' counts make {n}")]
-    if at_least is not None and n < at_least:
-        return [("views.groups", f"{method} needs at least {at_least} views per image; the groups' counts make {n}")]
+    want = exactly if exactly is not None else at_least
+    if (exactly is not None and n != exactly) or (at_least is not None and n < at_least):
+        rule = f"exactly {_WORDS.get(want, want)}" if exactly is not None else f"at least {_WORDS.get(want, want)}"
+        plural = "view" if want == 1 else "views"
+        return [
+            ("views.groups", why or f"{method} uses {rule} augmented {plural} per image; the groups' counts make {n}")
+        ]
     return []
 
 

@@ -49,8 +49,8 @@ class BYOLConfig(MethodConfig):
     def _heads_fit(self) -> BYOLConfig:
         if self.predictor[-1] != self.projector[-1]:
             raise ValueError(
-                f"predictor must end at the projector's output size ({self.projector[-1]}), got "
-                f"{self.predictor[-1]}: it predicts the target's projection"
+                f"predictor's output ({self.predictor[-1]}) must equal the projector's ({self.projector[-1]}): "
+                "it predicts the target's projection"
             )
         return self
 

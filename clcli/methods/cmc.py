@@ -92,7 +92,9 @@ class CMCConfig(MethodConfig):
         return v
 
     def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
-        out = views_problem(recipe, "cmc", exactly=1)
+        out = views_problem(
+            recipe, "cmc", exactly=1, why="cmc splits one augmented image into its Lab views: make one view per image"
+        )
         v, backbone = recipe.views, recipe.model.backbone
         if tuple(v.mean) != (0.0, 0.0, 0.0) or tuple(v.std) != (1.0, 1.0, 1.0):
             out.append(

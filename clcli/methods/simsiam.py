@@ -56,7 +56,7 @@ class SimSiamConfig(MethodConfig):
     def _heads_fit(self) -> SimSiamConfig:
         if self.predictor[-1] != self.projector[-1]:
             raise ValueError(
-                f"predictor must end at the projector's output size ({self.projector[-1]}), got {self.predictor[-1]}"
+                f"predictor's output ({self.predictor[-1]}) must equal the projector's ({self.projector[-1]})"
             )
         return self
 
