@@ -38,7 +38,6 @@ from clcli.recipe_checks import (
     ExpTemperature,
     ImageSize,
     MemoryItems,
-    NonNegative,
     Positive,
     Probability,
     SizeContext,
@@ -96,6 +95,9 @@ class DataConfig(StrictModel):
 
 
 # -------------------------------------------------------------------------------------- views
+_Jitter = Annotated[float, Field(ge=0, le=10)]
+
+
 class ViewGroup(StrictModel):
     """One group of augmented views: ``count`` crops of ``size`` pixels from one pipeline.
 
@@ -119,9 +121,9 @@ class ViewGroup(StrictModel):
     crop_ratio: tuple[Positive, Positive] = Field((3 / 4, 4 / 3), description="aspect ratio of the crop: low, high")
     hflip_p: Probability = 0.5
     jitter_p: Probability = 0.8
-    jitter_strength: NonNegative = 1.0
-    jitter: tuple[NonNegative, NonNegative, NonNegative, Annotated[float, Field(ge=0, le=0.5)]] = Field(
-        (0.8, 0.8, 0.8, 0.2), description="brightness, contrast, saturation, hue (hue at most 0.5)"
+    jitter_strength: float = Field(1.0, ge=0, le=10)
+    jitter: tuple[_Jitter, _Jitter, _Jitter, Annotated[float, Field(ge=0, le=0.5)]] = Field(
+        (0.8, 0.8, 0.8, 0.2), description="brightness, contrast, saturation (each at most 10), hue (at most 0.5)"
     )
     grayscale_p: Probability = 0.2
     blur_p: Probability = 0.0
@@ -250,16 +252,16 @@ class OptimConfig(StrictModel):
     """
 
     name: Literal["sgd", "adamw", "lars"] = "sgd"
-    lr: float = Field(0.03, gt=0)
+    lr: float = Field(0.03, gt=0, le=1000, description="peak learning rate before batch scaling")
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     reference_batch: int = Field(256, ge=1, le=MAX_BATCH)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     betas: tuple[_Beta, _Beta] = Field((0.9, 0.999), description="AdamW: each in [0, 1)")
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    weight_decay_end: float | None = Field(None, ge=0, description="cosine weight-decay schedule end value")
-    lars_eta: float = Field(0.001, gt=0, description="LARS trust coefficient")
+    eps: float = Field(1e-8, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=100)
+    weight_decay_end: float | None = Field(None, ge=0, le=100, description="cosine weight-decay schedule end value")
+    lars_eta: float = Field(0.001, gt=0, le=1, description="LARS trust coefficient")
     exclude_bias_norm: bool = True
     schedule: Literal["cosine", "constant", "step"] = "cosine"
     warmup_epochs: Epochs = 0.0
@@ -269,7 +271,7 @@ class OptimConfig(StrictModel):
         default_factory=list, max_length=MAX_LIST, description="step schedule: epochs at which lr drops, increasing"
     )
     gamma: float = Field(0.1, gt=0, le=1, description="step schedule: lr factor at each milestone")
-    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this")
+    grad_clip: float | None = Field(None, gt=0, le=1e30, description="clip the gradient norm to this")
 
     @field_validator("milestones")
     @classmethod
@@ -327,7 +329,7 @@ class EvalConfig(StrictModel):
         "declares bank features (InstDisc)",
     )
     batch_size: int = Field(256, ge=1, le=MAX_BATCH)
-    linear_l2: list[NonNegative] = Field(
+    linear_l2: list[Positive] = Field(
         default_factory=lambda: [10.0**e for e in range(-6, 1)],
         min_length=1,
         max_length=MAX_LIST,
@@ -340,7 +342,7 @@ class EvalConfig(StrictModel):
 class Recipe(StrictModel):
     """A whole run: every stage's settings, resolved and validated."""
 
-    name: str = "custom"
+    name: str = Field("custom", min_length=1)
     description: str = ""
     seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -53,7 +53,6 @@ ExpTemperature = Annotated[float, Field(ge=0.02, le=MAX_TEMPERATURE)]
 ImageSize = Annotated[int, Field(ge=1, le=MAX_IMAGE_SIZE)]
 UnitScale = Annotated[float, Field(gt=0, le=1)]
 Positive = Annotated[float, Field(gt=0)]
-NonNegative = Annotated[float, Field(ge=0)]
 
 
 def ordered(pair: Sequence[float]) -> Sequence[float]:

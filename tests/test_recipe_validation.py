@@ -117,6 +117,27 @@ def test_method_values_are_refused_naming_the_field(recipe: str, override: str, 
     assert shown in line
 
 
+@pytest.mark.parametrize(
+    ("override", "path", "shown"),
+    [  # found by this branch's own fault injection (bench/notes/mutate_recipes.py) and property test
+        ("optim.lr=1e300", "optim.lr", "less than or equal to 1000"),  # float32 overflow in the optimiser
+        ("optim.weight_decay=1e300", "optim.weight_decay", "less than or equal to 100"),  # idem
+        ("eval.linear_l2=[1, 0, 3]", "eval.linear_l2.1", "greater than 0"),  # the probe refused it in evaluation
+        ("views.groups.0.jitter_strength=1e300", "views.groups.0.jitter_strength", "less than or equal to 10"),
+    ],
+)
+def test_values_found_by_fault_injection_are_refused(override: str, path: str, shown: str) -> None:
+    line = next(ln for ln in refusal("simclr", override).splitlines() if ln.strip().startswith(path + ":"))
+    assert shown in line
+
+
+@pytest.mark.parametrize("name", ["cmc", "deepcluster", "moco-v2"])
+def test_the_largest_seed_trains(tmp_path, name: str) -> None:
+    """Every seed the schema accepts reaches torch's generators (CMC derived one past 64 bits)."""
+    recipe = tiny_recipe(name, "trainer.steps=1", f"seed={2**63 - 1}")
+    assert pretrain(recipe, tmp_path / "run")["steps"] == 1
+
+
 def test_zeroshot_templates_are_checked_with_the_recipe(tmp_path) -> None:  # case 28
     line = refusal("clip", "method.zeroshot_templates=no-such-set").splitlines()[1]
     assert line.strip().startswith("method.zeroshot_templates:") and "simple, cifar10, imagenet" in line
@@ -198,12 +219,12 @@ def test_deepcluster_sobel_backbone_sees_two_channels(tmp_path) -> None:
         ("moco-v2", "method.queue_size=10000000000000", "queue (method.queue_size"),  # case 17
         ("clip", "method.embed_dim=10000000000000", "image projection (method.embed_dim)"),  # case 18
         ("swav", "method.num_prototypes=10000000000000", "prototypes (method.num_prototypes"),
-        ("simclr", "views.groups.0.size=8192", "one batch of views"),
+        ("simclr", "views.groups.0.size=8192", "one batch of views"),  # 412 GB at batch 256
     ],
 )
 def test_sizes_beyond_the_device_are_refused_with_the_estimate(tmp_path, recipe: str, override: str, item: str) -> None:
     with pytest.raises(RecipeError) as info:
-        pretrain(tiny_recipe(recipe, override, "trainer.batch_size=64"), tmp_path / "run")
+        pretrain(tiny_recipe(recipe, override, "trainer.batch_size=256", "data.limit=512"), tmp_path / "run")
     message = str(info.value)
     assert message.startswith("the recipe needs at least ") and "of cpu memory" in message
     assert item in message.partition("largest: ")[2]  # among the biggest items, with the fields that size them

@@ -213,7 +213,7 @@ class CMC(Method):
                 ctx.dataset_size,
                 cfg.embedding_dim,
                 cfg.bank_momentum,
-                generator=torch.Generator().manual_seed(ctx.recipe.seed * 1009 + v),
+                generator=torch.Generator().manual_seed((ctx.recipe.seed * 1009 + v) % 2**63),  # any recipe seed
             )
             for v in range(n_views)
         )
