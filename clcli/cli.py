@@ -60,13 +60,21 @@ def _console(as_json: bool) -> Console:
 
 
 def user_errors(fn: F) -> F:
-    """Turn :class:`~clcli.errors.ClcliError` into one message and exit code 2."""
+    """Turn :class:`~clcli.errors.ClcliError` into one message and exit code 2.
+
+    Under a multi-process torchrun launch every command but ``pretrain`` refuses to run (it would
+    read and write once per process).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from clcli.errors import ClcliError
 
         try:
+            if fn.__name__ != "pretrain" and os.environ.get("WORLD_SIZE", "1") != "1":
+                from clcli.engine.distributed import refuse_multi_process
+
+                refuse_multi_process(f"clcli {fn.__name__.replace('_', ' ')}")
             return fn(*args, **kwargs)
         except ClcliError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
@@ -144,6 +152,7 @@ def pretrain(
     metrics.jsonl, recipe.yaml, provenance.json and checkpoints into the run folder. Ctrl-C saves a
     checkpoint and stops; --resume continues it.
     """
+    from clcli.dist import is_main
     from clcli.errors import ClcliError
     from clcli.recipe import apply_overrides, load_recipe, validate_recipe
     from clcli.runs import read_run_recipe
@@ -171,6 +180,8 @@ def pretrain(
         console=console,
         show_progress=not (no_progress or as_json),
     )
+    if not is_main():
+        return  # under torchrun the main process alone reports
     if summary.get("interrupted"):
         console.print(f"stopped at step {summary['steps']}; continue with: clcli pretrain --resume --out {run_dir}")
     if summary.get("skipped_bad_images"):

@@ -37,3 +37,7 @@ class CheckpointError(ClcliError):
 
 class TrainingError(ClcliError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+class DistributedError(ClcliError):
+    """The multi-process set-up is inconsistent (a half-set torchrun environment, a batch that does not split)."""

@@ -222,6 +222,10 @@ class MethodConfig(StrictModel):
     """
 
     name: str = "simclr"
+    sync_batchnorm: bool = Field(
+        False,
+        description="with several processes, batch norm over the global batch (each method's default is its paper's)",
+    )
     # True when the method builds its encoders from model.backbone itself (CPC, CMC): the backbone
     # registry does not apply, the method's recipe_problems check the name.
     own_backbone: ClassVar[bool] = False

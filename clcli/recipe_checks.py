@@ -316,11 +316,14 @@ class SizeContext:
 MemoryItems = dict[str, tuple[int, str]]
 
 
-def estimate_memory(recipe: Any, dataset_size: int | None) -> tuple[int, MemoryItems]:
-    """A lower bound of the bytes a training step of ``recipe`` holds, and the items it counts."""
+def estimate_memory(recipe: Any, dataset_size: int | None, batch_size: int | None = None) -> tuple[int, MemoryItems]:
+    """A lower bound of the bytes a training step of ``recipe`` holds in one process, and the items it counts.
+
+    ``batch_size``: the process's share of ``trainer.batch_size`` (default: all of it, one process).
+    """
     params, feature_dim = backbone_size(recipe.model.backbone)
     views = sum(g.count for g in recipe.views.groups)
-    b = recipe.trainer.batch_size
+    b = recipe.trainer.batch_size if batch_size is None else batch_size
     ctx = SizeContext(feature_dim, params, dataset_size, b, views)
     items: MemoryItems = {
         f"backbone ({recipe.model.backbone.name})": (params, "param"),
@@ -353,13 +356,16 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.3g} GiB" if n < 1000 * 2**30 else f"{n / 2**30:,.0f} GiB"
 
 
-def check_memory(recipe: Any, dataset_size: int | None, device: Any, capacity: int | None = None) -> int:
+def check_memory(
+    recipe: Any, dataset_size: int | None, device: Any, capacity: int | None = None, batch_size: int | None = None
+) -> int:
     """Refuse ``recipe`` when :func:`estimate_memory` exceeds the device's memory; returns the estimate.
 
-    ``capacity`` overrides the device's total memory (tests).  The message gives the estimate, the
-    device's memory and the largest items with the recipe fields that size them.
+    ``capacity`` overrides the device's total memory (tests); ``batch_size`` is the process's share
+    of the global batch.  The message gives the estimate, the device's memory and the largest items
+    with the recipe fields that size them.
     """
-    total, items = estimate_memory(recipe, dataset_size)
+    total, items = estimate_memory(recipe, dataset_size, batch_size)
     capacity = device_memory(device) if capacity is None else capacity
     if capacity is None or total <= capacity:
         return total

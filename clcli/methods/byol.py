@@ -38,6 +38,7 @@ class BYOLConfig(MethodConfig):
     """
 
     name: str = "byol"
+    sync_batchnorm: bool = True  # the paper normalises over the global batch
     projector: HeadDims = Field(default_factory=lambda: [4096, 256])
     predictor: HeadDims = Field(default_factory=lambda: [4096, 256])
     head_norm: str = Field("bn", pattern="^(bn|ln|none)$", description="normalisation of the heads' hidden layers")

@@ -23,6 +23,7 @@ class SimCLRConfig(MethodConfig):
     """SimCLR's settings: projector dims after the backbone, e.g. [2048, 128] (v1), and τ."""
 
     name: str = "simclr"
+    sync_batchnorm: bool = True  # the paper normalises over the global batch
     projector: HeadDims = Field(default_factory=lambda: [2048, 128])
     projector_norm: str = Field("bn", pattern="^(bn|ln|none)$")
     temperature: Temperature = 0.5

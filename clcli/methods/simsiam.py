@@ -46,6 +46,7 @@ class SimSiamConfig(MethodConfig):
     """
 
     name: str = "simsiam"
+    sync_batchnorm: bool = True  # the paper normalises over the global batch
     projector: HeadDims = Field(default_factory=lambda: [2048, 2048, 2048])
     predictor: HeadDims = Field(default_factory=lambda: [512, 2048])
     stop_gradient: bool = Field(True, description="false only for the paper's collapse ablation")
