@@ -27,11 +27,12 @@ from clcli.engine.device import pick_device
 from clcli.engine.distributed import init_distributed, per_rank_batch
 from clcli.engine.loader import StreamViewsDataset, ViewsDataset
 from clcli.engine.trainer import Trainer
-from clcli.errors import DataError, DistributedError
+from clcli.errors import BadImageError, DataError, DistributedError
 from clcli.methods.base import BuildContext, Method
 from clcli.models.backbones import build_backbone
 from clcli.precision import resolve_precision, with_precision
 from clcli.recipe import Recipe
+from clcli.recipe_checks import check_input_channels, check_memory
 from clcli.registry import METHODS
 from clcli.runs import check_resumable, claim_run_folder, record_run
 from clcli.schedules import make_plan
@@ -75,6 +76,17 @@ def build_method(recipe: Recipe, plan: Any, source: ImageSource | StreamSource, 
     return cls(recipe.method, ctx)
 
 
+def _image_channels(source: ImageSource | StreamSource) -> int:
+    """Channels of the first readable training image (of the first 16); 3, the decoders' RGB, for a stream."""
+    if isinstance(source, ImageSource):
+        for i in range(min(len(source), 16)):
+            try:
+                return int(source.load_image(i).shape[0])
+            except BadImageError:
+                continue
+    return 3
+
+
 def prepare_training(
     recipe: Recipe,
     out: Path,
@@ -116,10 +128,12 @@ def prepare_training(
         source = limit_source(source, data.limit)
         if len(source) == 0:
             raise DataError(f"the training split {data.train_split!r} of {data.source} has no images")
+    check_input_channels(recipe, _image_channels(source))
     source = decoded_once(source, data, console=console, progress=show_progress)
     backend, _ = resolve_backend(recipe, source, device)
     views = ViewMaker(recipe.views)
     plan = make_plan(recipe, len(source) if isinstance(source, ImageSource) else None)
+    check_memory(recipe, plan.dataset_size, device, batch_size=per_rank_batch(recipe.trainer.batch_size))
     method = build_method(recipe, plan, source, device)
     stream_factory = None
     if isinstance(source, ImageSource) and backend == "batched":

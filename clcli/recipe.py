@@ -16,12 +16,37 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from clcli.errors import RecipeError
+from clcli.recipe_checks import (
+    MAX_BATCH,
+    MAX_BLOCKS,
+    MAX_EPOCHS,
+    MAX_IMAGE_SIZE,
+    MAX_LIST,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_THREADS,
+    MAX_VIEW_GROUPS,
+    MAX_VIEWS_PER_GROUP,
+    MAX_WORKERS,
+    Epochs,
+    ExpTemperature,
+    ImageSize,
+    MemoryItems,
+    Positive,
+    Probability,
+    SizeContext,
+    UnitScale,
+    cross_section_problems,
+    format_validation_error,
+    increasing,
+    ordered,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,9 +65,9 @@ RECIPES_DIR = _recipes_dir()
 
 
 class StrictModel(BaseModel):
-    """Base of every recipe section: unknown keys are errors, assignments are validated."""
+    """Base of every recipe section: unknown keys are errors, assignments are validated, floats are finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------- data
@@ -55,16 +80,18 @@ class DataConfig(StrictModel):
     a folder of them, or a ``save_to_disk`` folder; ``hf:NAME`` for a Hugging Face hub dataset.
     """
 
-    source: str = "embedded:digits"
-    train_split: str = "train"
-    test_split: str = "test"
+    source: str = Field("embedded:digits", min_length=1)
+    train_split: str = Field("train", min_length=1)
+    test_split: str = Field("test", min_length=1)
     image_column: str | None = None
     label_column: str | None = None
     text_column: str | None = None
     streaming: bool = Field(False, description="stream a hub dataset instead of loading it; has no sample index")
     skip_bad_images: bool = Field(False, description="count and report unreadable images instead of stopping")
     limit: int | None = Field(None, ge=1, description="use only the first N training records")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process)")
+    num_workers: int = Field(
+        0, ge=0, le=MAX_WORKERS, description="DataLoader worker processes (0: load in the main process)"
+    )
     cache: Literal["auto", "disk", "off"] = Field(
         "auto",
         description="decode the training images once into a memory-mapped file reused across runs: auto (when they "
@@ -91,6 +118,9 @@ class DataConfig(StrictModel):
 
 
 # -------------------------------------------------------------------------------------- views
+_Jitter = Annotated[float, Field(ge=0, le=10)]
+
+
 class ViewGroup(StrictModel):
     """One group of augmented views: ``count`` crops of ``size`` pixels from one pipeline.
 
@@ -106,35 +136,56 @@ class ViewGroup(StrictModel):
     dropping (``patch_color_drop_p``).
     """
 
-    name: str = "global"
+    name: str = Field("global", min_length=1)
     pipeline: str = "simclr"
-    size: int = Field(32, ge=1)
-    count: int = Field(2, ge=1)
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip_p: float = Field(0.5, ge=0, le=1)
-    jitter_p: float = Field(0.8, ge=0, le=1)
-    jitter_strength: float = Field(1.0, ge=0)
-    jitter: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2)
-    grayscale_p: float = Field(0.2, ge=0, le=1)
-    blur_p: float = Field(0.0, ge=0, le=1)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel_fraction: float = Field(0.1, gt=0, le=1)
-    solarize_p: float = Field(0.0, ge=0, le=1)
-    patch_size: int = Field(8, ge=1, description="cpc: side of each grid patch")
-    patch_stride: int = Field(4, ge=1, description="cpc: pixels between neighbouring patches")
-    patch_jitter: int = Field(0, ge=0, description="cpc: each patch moves by up to this many pixels")
-    patch_color_drop_p: float = Field(0.0, ge=0, le=1, description="cpc: keep one colour channel of a patch")
+    size: ImageSize = 32
+    count: int = Field(2, ge=1, le=MAX_VIEWS_PER_GROUP)
+    crop_scale: tuple[UnitScale, UnitScale] = Field((0.08, 1.0), description="area fraction of the crop: low, high")
+    crop_ratio: tuple[Positive, Positive] = Field((3 / 4, 4 / 3), description="aspect ratio of the crop: low, high")
+    hflip_p: Probability = 0.5
+    jitter_p: Probability = 0.8
+    jitter_strength: float = Field(1.0, ge=0, le=10)
+    jitter: tuple[_Jitter, _Jitter, _Jitter, Annotated[float, Field(ge=0, le=0.5)]] = Field(
+        (0.8, 0.8, 0.8, 0.2), description="brightness, contrast, saturation (each at most 10), hue (at most 0.5)"
+    )
+    grayscale_p: Probability = 0.2
+    blur_p: Probability = 0.0
+    blur_sigma: tuple[Positive, Positive] = Field((0.1, 2.0), description="Gaussian blur sigma: low, high")
+    blur_kernel_fraction: UnitScale = 0.1
+    solarize_p: Probability = 0.0
+    patch_size: int = Field(8, ge=1, le=MAX_IMAGE_SIZE, description="cpc: side of each grid patch")
+    patch_stride: int = Field(4, ge=1, le=MAX_IMAGE_SIZE, description="cpc: pixels between neighbouring patches")
+    patch_jitter: int = Field(0, ge=0, le=MAX_IMAGE_SIZE, description="cpc: each patch moves by up to this many pixels")
+    patch_color_drop_p: Probability = Field(0.0, description="cpc: keep one colour channel of a patch")
+
+    @field_validator("crop_scale", "crop_ratio", "blur_sigma")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        ordered(v)
+        return v
+
+    @model_validator(mode="after")
+    def _patches_fit(self) -> ViewGroup:
+        if self.pipeline == "cpc" and self.patch_size > self.size:
+            raise ValueError(
+                f"patch_size ({self.patch_size}) must not exceed size ({self.size}): a patch is cut from the crop"
+            )
+        return self
+
+
+_Std = Annotated[float, Field(ge=1e-3)]
 
 
 class ViewsConfig(StrictModel):
     """Augmentation as data: a list of view groups, plus the input normalisation."""
 
-    groups: list[ViewGroup] = Field(default_factory=lambda: [ViewGroup()])
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    eval_size: int = Field(32, ge=1, description="evaluation images are resized and centre-cropped to this")
-    eval_resize: int | None = Field(None, description="shorter side before the centre crop (default: eval_size)")
+    groups: list[ViewGroup] = Field(default_factory=lambda: [ViewGroup()], min_length=1, max_length=MAX_VIEW_GROUPS)
+    mean: tuple[Probability, Probability, Probability] = Field(IMAGENET_MEAN, description="per RGB channel, in [0, 1]")
+    std: tuple[_Std, _Std, _Std] = Field(IMAGENET_STD, description="per RGB channel, at least 0.001")
+    eval_size: ImageSize = Field(32, description="evaluation images are resized and centre-cropped to this")
+    eval_resize: ImageSize | None = Field(
+        None, description="shorter side before the centre crop, at least eval_size (default: eval_size)"
+    )
     backend: Literal["auto", "per_sample", "batched"] = Field(
         "auto",
         description="per_sample: views made image by image in the data loader; batched: made from the whole "
@@ -142,9 +193,12 @@ class ViewsConfig(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _non_empty(self) -> ViewsConfig:
-        if not self.groups:
-            raise ValueError("views.groups needs at least one view group")
+    def _resize_covers_crop(self) -> ViewsConfig:
+        if self.eval_resize is not None and self.eval_resize < self.eval_size:
+            raise ValueError(
+                f"eval_resize ({self.eval_resize}) must be at least eval_size ({self.eval_size}): the centre crop "
+                "is cut from the resized image"
+            )
         return self
 
 
@@ -159,15 +213,27 @@ class BackboneConfig(StrictModel):
         description="ResNet convolutions (CMC's and CPC's encoders too): torchvision (Kaiming-normal, fan-out, "
         "as the papers' code) or pytorch (each layer's own default, as lightly's and many CIFAR ResNets)",
     )
-    in_channels: int = Field(3, ge=1)
+    in_channels: int = Field(3, ge=1, le=64, description="channels the backbone sees (checked against the data)")
     width: int = Field(64, ge=1, description="convnet: channels of the first block")
-    image_size: int = Field(32, ge=1, description="vit: size the position embeddings are built for")
-    patch_size: int = Field(4, ge=1)
+    image_size: ImageSize = Field(32, description="vit: size the position embeddings are built for")
+    patch_size: ImageSize = 4
     dim: int = Field(192, ge=1)
-    depth: int = Field(12, ge=1)
+    depth: int = Field(12, ge=1, le=MAX_BLOCKS)
     heads: int = Field(3, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0, le=1024)
     frozen_patch_embed: bool = Field(False, description="vit: keep the random patch projection fixed (MoCo v3)")
+
+    @model_validator(mode="after")
+    def _vit_shape(self) -> BackboneConfig:
+        if self.name != "vit":
+            return self
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size ({self.patch_size}) must divide image_size ({self.image_size})")
+        if self.dim % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
+        if int(self.dim * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio ({self.mlp_ratio:g}) leaves the MLP no hidden unit at dim {self.dim}")
+        return self
 
 
 class ModelConfig(StrictModel):
@@ -176,16 +242,39 @@ class ModelConfig(StrictModel):
 
 # ------------------------------------------------------------------------------------- method
 class MethodConfig(StrictModel):
-    """Base of every method's configuration; each method subclasses it with its own fields."""
+    """Base of every method's configuration; each method subclasses it with its own fields.
+
+    A method's configuration also says what its fields mean for the rest of the recipe:
+    :meth:`recipe_problems` (rules across sections, checked when the recipe is validated),
+    :meth:`backbone_channels` and :meth:`memory_items` (checked when the data is opened).
+    """
 
     name: str = "simclr"
     sync_batchnorm: bool = Field(
         False,
         description="with several processes, batch norm over the global batch (each method's default is its paper's)",
     )
+    # True when the method builds its encoders from model.backbone itself (CPC, CMC): the backbone
+    # registry does not apply, the method's recipe_problems check the name.
+    own_backbone: ClassVar[bool] = False
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
+        """(dotted path, message) for each rule this method sets on other sections that ``recipe`` breaks."""
+        return []
+
+    def backbone_channels(self, data_channels: int) -> int | None:
+        """The channels the backbone sees when the images have ``data_channels`` (None: the method checks)."""
+        return data_channels
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        """The method's large tensors beyond the backbone, for :func:`clcli.recipe_checks.estimate_memory`."""
+        return {}
 
 
 # -------------------------------------------------------------------------------------- optim
+_Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class OptimConfig(StrictModel):
     """Optimiser and learning-rate schedule.
 
@@ -195,24 +284,32 @@ class OptimConfig(StrictModel):
     """
 
     name: Literal["sgd", "adamw", "lars"] = "sgd"
-    lr: float = Field(0.03, gt=0)
+    lr: float = Field(0.03, gt=0, le=1000, description="peak learning rate before batch scaling")
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
-    reference_batch: int = Field(256, ge=1)
+    reference_batch: int = Field(256, ge=1, le=MAX_BATCH)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    weight_decay_end: float | None = Field(None, ge=0, description="cosine weight-decay schedule end value")
-    lars_eta: float = Field(0.001, gt=0, description="LARS trust coefficient")
+    betas: tuple[_Beta, _Beta] = Field((0.9, 0.999), description="AdamW: each in [0, 1)")
+    eps: float = Field(1e-8, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=100)
+    weight_decay_end: float | None = Field(None, ge=0, le=100, description="cosine weight-decay schedule end value")
+    lars_eta: float = Field(0.001, gt=0, le=1, description="LARS trust coefficient")
     exclude_bias_norm: bool = True
     schedule: Literal["cosine", "constant", "step"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
-    warmup_start_ratio: float = Field(0.0, ge=0, le=1)
-    final_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the last step's lr as a fraction of the peak")
-    milestones: list[float] = Field(default_factory=list, description="step schedule: epochs at which lr drops")
-    gamma: float = Field(0.1, gt=0)
-    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this")
+    warmup_epochs: Epochs = 0.0
+    warmup_start_ratio: Probability = 0.0
+    final_lr_ratio: Probability = Field(0.0, description="cosine: the last step's lr as a fraction of the peak")
+    milestones: list[Epochs] = Field(
+        default_factory=list, max_length=MAX_LIST, description="step schedule: epochs at which lr drops, increasing"
+    )
+    gamma: float = Field(0.1, gt=0, le=1, description="step schedule: lr factor at each milestone")
+    grad_clip: float | None = Field(None, gt=0, le=1e30, description="clip the gradient norm to this")
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        increasing(v)
+        return v
 
 
 # ------------------------------------------------------------------------------------ trainer
@@ -229,11 +326,15 @@ class TrainerConfig(StrictModel):
     (:meth:`clcli.methods.base.BuildContext.first_epochs_to_steps`).
     """
 
-    epochs: float = Field(100, gt=0)
-    steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (overrides epochs)")
-    reference_epochs: float | None = Field(None, gt=0)
-    batch_size: int = Field(256, ge=2)
-    accumulate: int = Field(1, ge=1, description="gradient accumulation; adds no negatives to in-batch losses")
+    epochs: float = Field(100, gt=0, le=MAX_EPOCHS)
+    steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="stop after this many optimiser steps (overrides epochs)"
+    )
+    reference_epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS)
+    batch_size: int = Field(256, ge=2, le=MAX_BATCH)
+    accumulate: int = Field(
+        1, ge=1, le=MAX_BATCH, description="gradient accumulation; adds no negatives to in-batch losses"
+    )
     precision: Precision = "fp32"
     channels_last: bool | Literal["auto"] = Field(
         "auto",
@@ -245,8 +346,10 @@ class TrainerConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = Field(2, ge=1)
-    online_knn_every: float | None = Field(None, gt=0, description="epochs between online kNN evaluations")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    online_knn_every: float | None = Field(
+        None, gt=0, le=MAX_EPOCHS, description="epochs between online kNN evaluations"
+    )
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="torch CPU threads (default: torch's choice)")
     deterministic: bool = Field(
         False,
         description="deterministic CUDA kernels, so GPU runs and resumes repeat bitwise (slower); CPU runs always do",
@@ -256,24 +359,29 @@ class TrainerConfig(StrictModel):
 # --------------------------------------------------------------------------------------- eval
 class EvalConfig(StrictModel):
     knn_k: int = Field(200, ge=1)
-    knn_temperature: float = Field(0.1, gt=0)
+    knn_temperature: ExpTemperature = Field(0.1, description="weights exp(similarity / t) of the kNN vote")
     features: Literal["backbone", "embedding", "bank"] = Field(
         "backbone",
         description="bank: kNN only, the method's memory bank as the reference set; only for a method that "
         "declares bank features (InstDisc)",
     )
-    batch_size: int = Field(256, ge=1)
-    linear_l2: list[float] = Field(default_factory=lambda: [10.0**e for e in range(-6, 1)])
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
+    linear_l2: list[Positive] = Field(
+        default_factory=lambda: [10.0**e for e in range(-6, 1)],
+        min_length=1,
+        max_length=MAX_LIST,
+        description="L2 penalties the linear probe chooses from on the held-out split",
+    )
     linear_val_fraction: float = Field(0.1, gt=0, lt=1)
-    linear_max_iter: int = Field(200, ge=1)
+    linear_max_iter: int = Field(200, ge=1, le=100_000)
 
 
 class Recipe(StrictModel):
     """A whole run: every stage's settings, resolved and validated."""
 
-    name: str = "custom"
+    name: str = Field("custom", min_length=1)
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig = Field(default_factory=DataConfig)
     views: ViewsConfig = Field(default_factory=ViewsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -295,46 +403,6 @@ class Recipe(StrictModel):
 
 
 # --------------------------------------------------------------------------------- validation
-def _allowed_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str] | None:
-    """The field names allowed at ``loc`` (for 'unknown key' errors)."""
-    from typing import get_args, get_origin
-
-    cur: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
-            return None
-        field = cur.model_fields.get(part)
-        if field is None:
-            return sorted(cur.model_fields)
-        ann = field.annotation
-        while get_origin(ann) is not None and not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            args = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
-            ann = args[0] if args else None
-        cur = ann
-    return None
-
-
-def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, loc[:-1] + (loc[-1],))
-            msg = "unknown key"
-            if allowed:
-                msg += f" (allowed: {', '.join(allowed)})"
-        elif "input" in e and e["type"] not in ("missing",):
-            inp = e["input"]
-            if not isinstance(inp, dict | list):
-                msg += f" (got {inp!r})"
-        lines.append(f"  {path or '<recipe>'}: {msg}")
-    return "\n".join(lines)
-
-
 def _method_class(name: str) -> Any:
     """The method class registered as ``name`` (its ``config_class`` validates the method section)."""
     from clcli.registry import METHODS
@@ -370,12 +438,8 @@ def validate_recipe(raw: dict[str, Any]) -> Recipe:
     except ValidationError as exc:
         problems.append(format_validation_error(exc, Recipe))
         recipe = None
-    bank = recipe is not None and recipe.eval.features == "bank"
-    if bank and method_cls is not None and not method_cls.has_bank_features:
-        problems.append(
-            f"  eval.features: bank needs a method with a memory bank (instdisc); {name} has none "
-            "(use backbone or embedding)"
-        )
+    if recipe is not None and method_cfg is not None:
+        problems += [f"  {path}: {msg}" for path, msg in cross_section_problems(recipe, method_cfg, method_cls)]
     if problems:
         raise RecipeError("invalid recipe:\n" + "\n".join(problems))
     assert recipe is not None and method_cfg is not None
@@ -442,7 +506,11 @@ def read_recipe_file(name_or_path: str | Path) -> dict[str, Any]:
         if not path.is_file():
             raise RecipeError(f"unknown recipe {str(name_or_path)!r}; built-in recipes: {', '.join(recipe_names())}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except OSError as exc:
+        raise RecipeError(f"cannot read the recipe file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

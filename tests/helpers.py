@@ -148,6 +148,11 @@ def tiny_overrides(name: str, *extra: str) -> list[str]:
     return [*_TINY[name], *extra]
 
 
+def tiny_recipe_names() -> list[str]:
+    """The built-in recipes that :func:`tiny_overrides` knows how to shrink (every method has one)."""
+    return sorted(_TINY)
+
+
 def tiny_recipe(name: str, *extra: str) -> Recipe:
     """The built-in recipe ``name`` shrunk by :func:`tiny_overrides`, with ``extra`` overrides applied last."""
     return load_recipe(name, tiny_overrides(name, *extra))

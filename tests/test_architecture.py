@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "clcli"
 LAYERS = [
     ("clcli.errors", 0),
     ("clcli.recipe", 0),
+    ("clcli.recipe_checks", 0),
     ("clcli.registry", 0),
     ("clcli.precision", 0),
     ("clcli.models", 1),

@@ -26,7 +26,8 @@ from clcli.methods.base import Batch, BuildContext, Method, StepOutput
 from clcli.methods.momentum import ema_update, momentum_copy, momentum_schedule
 from clcli.methods.multicrop import ViewPasses, describe_view_passes, pass_views
 from clcli.models.heads import MLP
-from clcli.recipe import MethodConfig
+from clcli.recipe import MethodConfig, Recipe
+from clcli.recipe_checks import HeadDims, MemoryItems, SizeContext, mlp_params, views_problem
 
 
 class BYOLConfig(MethodConfig):
@@ -38,8 +39,8 @@ class BYOLConfig(MethodConfig):
 
     name: str = "byol"
     sync_batchnorm: bool = True  # the paper normalises over the global batch
-    projector: list[int] = Field(default_factory=lambda: [4096, 256], min_length=1)
-    predictor: list[int] = Field(default_factory=lambda: [4096, 256], min_length=1)
+    projector: HeadDims = Field(default_factory=lambda: [4096, 256])
+    predictor: HeadDims = Field(default_factory=lambda: [4096, 256])
     head_norm: str = Field("bn", pattern="^(bn|ln|none)$", description="normalisation of the heads' hidden layers")
     view_passes: ViewPasses = "separate"  # the paper's code: one pass per view
     momentum: float = Field(0.996, ge=0, le=1, description="τ₀, the target EMA momentum at step 0")
@@ -49,10 +50,23 @@ class BYOLConfig(MethodConfig):
     def _heads_fit(self) -> BYOLConfig:
         if self.predictor[-1] != self.projector[-1]:
             raise ValueError(
-                f"the predictor's output ({self.predictor[-1]}) must equal the projector's ({self.projector[-1]}): "
+                f"predictor's output ({self.predictor[-1]}) must equal the projector's ({self.projector[-1]}): "
                 "it predicts the target's projection"
             )
         return self
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
+        return views_problem(recipe, "byol", exactly=2)
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        projector = mlp_params([sizes.feature_dim, *self.projector])
+        return {
+            "projector and predictor (method.projector, method.predictor)": (
+                projector + mlp_params([self.projector[-1], *self.predictor]),
+                "param",
+            ),
+            "target network (a copy of backbone and projector)": (sizes.backbone_params + projector, "state"),
+        }
 
 
 class BYOL(Method):

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from clcli import dist
@@ -37,7 +37,8 @@ from clcli.errors import ClcliError, DataError
 from clcli.losses import clip_contrastive
 from clcli.methods.base import Batch, BuildContext, Method, StepOutput
 from clcli.models.text import TextTransformer
-from clcli.recipe import MethodConfig
+from clcli.recipe import MethodConfig, Recipe
+from clcli.recipe_checks import MAX_BLOCKS, MemoryItems, SizeContext, Temperature, mlp_params
 from clcli.text.templates import fill, load_templates
 from clcli.text.tokenizers import CaptionTokenizer, pack_tokens
 
@@ -56,12 +57,12 @@ class CLIPConfig(MethodConfig):
     text_tower: Literal["transformer", "hf"] = Field(
         "transformer", description="transformer: trained from scratch; hf: a locked Hugging Face encoder (LiT)"
     )
-    context_length: int = Field(77, ge=4)
+    context_length: int = Field(77, ge=4, le=65536)
     vocab_size: int = Field(49408, ge=259, description="token embeddings; the trained BPE stops at this size")
     text_width: int = Field(512, ge=1)
-    text_layers: int = Field(12, ge=1)
+    text_layers: int = Field(12, ge=1, le=MAX_BLOCKS)
     text_heads: int = Field(8, ge=1)
-    text_mlp_ratio: float = Field(4.0, gt=0)
+    text_mlp_ratio: float = Field(4.0, gt=0, le=1024)
     text_activation: Literal["gelu", "quick_gelu"] = "gelu"
     tokenizer_captions: int = Field(
         200_000, ge=1, description="at most this many training captions are read to train the BPE tokenizer"
@@ -69,7 +70,7 @@ class CLIPConfig(MethodConfig):
     text_encoder: str | None = Field(
         None, description="hf: a local model folder, or python:MODULE for a package that ships one"
     )
-    text_max_length: int = Field(64, ge=4, description="hf: tokens per caption for the locked encoder")
+    text_max_length: int = Field(64, ge=4, le=65536, description="hf: tokens per caption for the locked encoder")
     text_cache_size: int = Field(100_000, ge=0, description="hf: caption embeddings kept in memory (0: none)")
     # captions
     captions: Literal["auto", "text", "templates"] = Field(
@@ -79,11 +80,23 @@ class CLIPConfig(MethodConfig):
         "a photo of a {}.", description="template set name (simple, cifar10, imagenet), file, template or list"
     )
     # temperature
-    init_temperature: float = Field(0.07, gt=0)
+    init_temperature: Temperature = 0.07
     learn_temperature: bool = True
-    max_logit_scale: float = Field(100.0, gt=0, description="exp(t) is clipped at this")
+    max_logit_scale: float = Field(100.0, gt=0, le=10_000, description="exp(t) is clipped at this")
     # zero-shot
-    zeroshot_templates: str = Field("cifar10", description="template set used by default for zero-shot evaluation")
+    zeroshot_templates: str = Field(
+        "cifar10",
+        description="template set (simple, cifar10, imagenet), file or template used by default for zero-shot",
+    )
+
+    @field_validator("caption_templates", "zeroshot_templates")
+    @classmethod
+    def _templates_exist(cls, v: str | list[str]) -> str | list[str]:
+        try:
+            load_templates(v)
+        except ClcliError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> CLIPConfig:
@@ -91,7 +104,26 @@ class CLIPConfig(MethodConfig):
             raise ValueError(f"text_width ({self.text_width}) must be divisible by text_heads ({self.text_heads})")
         if self.text_tower == "hf" and not self.text_encoder:
             raise ValueError("text_tower 'hf' needs text_encoder: a local model folder or python:MODULE")
+        if int(self.text_width * self.text_mlp_ratio) < 1:
+            raise ValueError(f"text_mlp_ratio ({self.text_mlp_ratio:g}) leaves the MLP no hidden unit")
         return self
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        w, b = self.text_width, sizes.batch_size
+        items: MemoryItems = {
+            "image projection (method.embed_dim)": (mlp_params([sizes.feature_dim, self.embed_dim]), "param"),
+            "logits (2 x trainer.batch_size^2)": (2 * b * b, "work"),
+        }
+        if self.text_tower == "transformer":
+            hidden = int(w * self.text_mlp_ratio)
+            block = 4 * w * w + 2 * w * hidden
+            tower = (self.vocab_size + self.context_length) * w + self.text_layers * block + w * self.embed_dim
+            items["text tower (vocab_size, context_length, text_width, text_layers)"] = (tower, "param")
+            items["caption tokens through the tower (trainer.batch_size x context_length x text_width)"] = (
+                b * self.context_length * w,
+                "work",
+            )
+        return items
 
 
 def _as_tensor(data: bytes) -> Tensor:

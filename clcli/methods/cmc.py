@@ -35,7 +35,7 @@ concatenated; :class:`LabViewsEncoder` (the method's ``backbone``) takes RGB in 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ from clcli.models.backbones import ConvNet
 from clcli.models.heads import MLP
 from clcli.models.resnet_variants import DEPTHS, resnet_encoder
 from clcli.recipe import BackboneConfig, MethodConfig, Recipe
+from clcli.recipe_checks import ExpTemperature, MemoryItems, SizeContext, views_problem
 from clcli.views.color import normalize_lab, rgb_to_lab
 
 _CHANNELS = {"L": 0, "a": 1, "b": 2}
@@ -60,14 +61,16 @@ class CMCConfig(MethodConfig):
     """CMC's settings: the Lab channel split, per-view encoder width, embedding, bank and loss."""
 
     name: str = "cmc"
+    own_backbone: ClassVar[bool] = True
     views: list[str] = Field(
         default_factory=lambda: ["L", "ab"],
         min_length=2,
+        max_length=3,
         description="Lab channels of each view, e.g. [L, ab] or [L, a, b] (full graph over all pairs)",
     )
-    width_factor: float = Field(0.5, gt=0, description="each view's encoder width relative to model.backbone")
+    width_factor: float = Field(0.5, gt=0, le=64, description="each view's encoder width relative to model.backbone")
     embedding_dim: int = Field(128, ge=1, description="L2-normalised embedding (a linear layer per view)")
-    temperature: float = Field(0.07, gt=0)
+    temperature: ExpTemperature = Field(0.07, description="τ (at least 0.02: NCE estimates Z from exp(score / τ))")
     bank_momentum: float = Field(0.5, ge=0, lt=1, description="m in v_i <- normalise(m v_i + (1 - m) f_i)")
     nce_k: int = Field(4096, ge=1, description="negatives per anchor, drawn uniformly from the other view's bank")
     loss: Literal["nce", "softmax"] = Field("nce", description="NCE with a fixed Z, or softmax cross-entropy")
@@ -87,6 +90,41 @@ class CMCConfig(MethodConfig):
         if len(set(used)) != len(used):
             raise ValueError(f"views must not share channels, got {v}")
         return v
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
+        out = views_problem(
+            recipe, "cmc", exactly=1, why="cmc splits one augmented image into its Lab views: make one view per image"
+        )
+        v, backbone = recipe.views, recipe.model.backbone
+        if tuple(v.mean) != (0.0, 0.0, 0.0) or tuple(v.std) != (1.0, 1.0, 1.0):
+            out.append(
+                ("views.mean", "cmc normalises Lab itself: set views.mean to [0, 0, 0] and views.std to [1, 1, 1]")
+            )
+        if backbone.in_channels != 3:
+            out.append(("model.backbone.in_channels", f"cmc reads RGB images: must be 3, got {backbone.in_channels}"))
+        depth = backbone.name.removeprefix("resnet")
+        resnet = backbone.name.startswith("resnet") and depth.isdigit() and int(depth) in DEPTHS
+        if backbone.name != "convnet" and not resnet:
+            out.append(
+                (
+                    "model.backbone.name",
+                    f"cmc builds its view encoders from a ResNet or the convnet, not {backbone.name!r}",
+                )
+            )
+        return out
+
+    def backbone_channels(self, data_channels: int) -> int | None:
+        return None  # each view's encoder takes its Lab channels; in_channels is checked above
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        n, b, d, v = sizes.dataset_size or 0, sizes.batch_size, self.embedding_dim, len(self.views)
+        return {
+            "memory banks (views x training images x method.embedding_dim)": (v * n * d, "state"),
+            "negatives of one batch (views x trainer.batch_size x method.nce_k x embedding_dim)": (
+                v * b * self.nce_k * d,
+                "work",
+            ),
+        }
 
 
 # ------------------------------------------------------------------------------ encoders
@@ -175,7 +213,7 @@ class CMC(Method):
                 ctx.dataset_size,
                 cfg.embedding_dim,
                 cfg.bank_momentum,
-                generator=torch.Generator().manual_seed(ctx.recipe.seed * 1009 + v),
+                generator=torch.Generator().manual_seed((ctx.recipe.seed * 1009 + v) % 2**63),  # any recipe seed
             )
             for v in range(n_views)
         )

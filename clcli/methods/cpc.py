@@ -41,11 +41,11 @@ patch augmentation on v1's grid layout.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from clcli.errors import RecipeError
@@ -53,6 +53,7 @@ from clcli.losses import cpc_infonce
 from clcli.methods.base import Batch, BuildContext, Method, StepOutput, rebuild_from_recipe
 from clcli.models.resnet_variants import DEPTHS, resnet_encoder
 from clcli.recipe import MethodConfig, Recipe, ViewGroup
+from clcli.recipe_checks import MAX_BLOCKS, MemoryItems, SizeContext
 from clcli.views.patches import grid_size, patch_grid
 
 Direction = Literal["top_down", "bottom_up", "left_right", "right_left"]
@@ -63,11 +64,12 @@ class CPCConfig(MethodConfig):
     by ``model.backbone`` (its depth and CIFAR stem), at ``encoder_width`` and with ``encoder_norm``."""
 
     name: str = "cpc"
+    own_backbone: ClassVar[bool] = True
     encoder_stages: int = Field(3, ge=1, le=4, description="ResNet stacks of the patch encoder (v1: the first 3)")
     encoder_width: int = Field(64, ge=1, description="channels of the patch encoder's first stack")
     encoder_norm: Literal["ln", "bn", "none"] = Field("ln", description="v2: layer norm; v1: batch norm")
     context_dim: int | None = Field(None, ge=1, description="channels of the context network (default: z's)")
-    context_blocks: int = Field(5, ge=1, description="masked residual blocks of the context network")
+    context_blocks: int = Field(5, ge=1, le=MAX_BLOCKS, description="masked residual blocks of the context network")
     steps: int = Field(5, ge=1, description="K: predict rows i + min_step .. i + K from the context at row i")
     min_step: int = Field(1, ge=1, description="the nearest row predicted (1: the next row)")
     directions: list[Direction] = Field(
@@ -76,7 +78,9 @@ class CPCConfig(MethodConfig):
     target_dim: int | None = Field(
         None, ge=1, description="v2: score in a space of this size (P z for the candidates; v2: 64); none: z's own (v1)"
     )
-    emb_scale: float = Field(1.0, gt=0, description="the predictions are multiplied by this before scoring (v2: 0.1)")
+    emb_scale: float = Field(
+        1.0, gt=0, le=1000, description="the predictions are multiplied by this before scoring (v2: 0.1)"
+    )
 
     @field_validator("directions")
     @classmethod
@@ -84,6 +88,44 @@ class CPCConfig(MethodConfig):
         if len(set(v)) != len(v):
             raise ValueError(f"directions must not repeat, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _steps_ordered(self) -> CPCConfig:
+        if self.min_step > self.steps:
+            raise ValueError(f"min_step ({self.min_step}) must not exceed steps ({self.steps})")
+        return self
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
+        groups, backbone = recipe.views.groups, recipe.model.backbone
+        out: list[tuple[str, str]] = []
+        depth = backbone.name.removeprefix("resnet")
+        if not (backbone.name.startswith("resnet") and depth.isdigit() and int(depth) in DEPTHS):
+            names = ", ".join(f"resnet{d}" for d in DEPTHS)
+            out.append(("model.backbone.name", f"cpc's patch encoder is a ResNet ({names}), not {backbone.name!r}"))
+        if len(groups) != 1 or groups[0].count != 1 or groups[0].pipeline != "cpc":
+            out.append(("views.groups", "cpc reads one patch grid per image: one group with pipeline: cpc, count: 1"))
+            return out
+        g = groups[0]
+        rows = (g.size - g.patch_size) // g.patch_stride + 1
+        if self.steps >= rows:
+            out.append(
+                ("method.steps", f"K = {self.steps} must be smaller than the grid's {rows} rows (views.groups.0)")
+            )
+        if recipe.views.eval_size != g.size:
+            out.append(
+                ("views.eval_size", f"{recipe.views.eval_size} must equal the patch grid's image size ({g.size})")
+            )
+        return out
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        g = recipe.views.groups[0]
+        rows = max(0, (g.size - g.patch_size) // g.patch_stride + 1)
+        return {
+            "patch grids of one batch (patches x 3 x patch_size^2)": (
+                sizes.batch_size * rows**2 * 3 * g.patch_size**2,
+                "work",
+            )
+        }
 
 
 # ---------------------------------------------------------------------------- patch encoder

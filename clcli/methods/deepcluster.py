@@ -60,7 +60,8 @@ from clcli.losses import deepcluster_loss
 from clcli.methods.base import Batch, BuildContext, Method, StepOutput
 from clcli.methods.clustering import kmeans, l2_normalize, normalized_mutual_info, pca_whitening
 from clcli.models.heads import MLP
-from clcli.recipe import MethodConfig
+from clcli.recipe import MethodConfig, Recipe
+from clcli.recipe_checks import MAX_BATCH, MAX_HEAD_LAYERS, MAX_ITERATIONS, Dim, MemoryItems, SizeContext, mlp_params
 from clcli.views.plain import encode_split
 
 
@@ -75,22 +76,56 @@ class DeepClusterConfig(MethodConfig):
     default_clusters: int = Field(10000, ge=2, description="k for unlabelled data when num_clusters is not set")
     pca_dim: int = Field(256, ge=1, description="PCA dimensions before whitening (capped at the feature size)")
     whiten_eps: float = Field(1e-5, gt=0, description="added to the eigenvalues before whitening")
-    kmeans_iters: int = Field(20, ge=1)
+    kmeans_iters: int = Field(
+        20, ge=1, le=MAX_ITERATIONS, description="Lloyd iterations, each a pass over the features"
+    )
     kmeans_init: Literal["kmeans++", "random"] = Field(
         "kmeans++", description="starting centroids: k-means++ seeding, or random points as faiss (the paper's)"
     )
     kmeans_chunk: int = Field(65536, ge=1, description="points per chunk of the k-means distance computation")
     reseed_perturbation: float = Field(
-        1.0 / 1024, gt=0, description="relative size of an empty cluster's re-seed offset"
+        1.0 / 1024, gt=0, le=1, description="relative size of an empty cluster's re-seed offset"
     )
-    head: list[int] = Field(
-        default_factory=list, description="MLP dims between backbone and classifier (AlexNet's fc6/fc7); [] for none"
+    head: list[Dim] = Field(
+        default_factory=list,
+        max_length=MAX_HEAD_LAYERS,
+        description="MLP dims between backbone and classifier (AlexNet's fc6/fc7); [] for none",
     )
     head_norm: str = Field("bn", pattern="^(bn|ln|none)$")
     sobel: bool = Field(True, description="fixed Sobel filter on the input (backbone in_channels must be 2)")
-    classifier_init_std: float = Field(0.01, gt=0)
+    classifier_init_std: float = Field(0.01, gt=0, le=100)
     uniform_sampling: bool = Field(True, description="sample images uniformly over clusters (else a plain shuffle)")
-    cluster_batch_size: int | None = Field(None, ge=1, description="feature-extraction batch (default eval.batch_size)")
+    cluster_batch_size: int | None = Field(
+        None, ge=1, le=MAX_BATCH, description="feature-extraction batch (default eval.batch_size)"
+    )
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
+        channels, want = recipe.model.backbone.in_channels, 2 if self.sobel else 3
+        if channels == want:
+            return []
+        seen = "Sobel x and y of the grayscale image" if self.sobel else "RGB images"
+        return [
+            ("model.backbone.in_channels", f"must be {want} with method.sobel={self.sobel} ({seen}), got {channels}")
+        ]
+
+    def backbone_channels(self, data_channels: int) -> int | None:
+        return 2 if self.sobel else data_channels
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        n = sizes.dataset_size or 0
+        k = self.num_clusters or min(self.default_clusters, self.clusters_per_class)  # labels: per class x classes
+        dim = self.head[-1] if self.head else (sizes.feature_dim or 0)
+        return {
+            "head and classifier (method.head, k clusters)": (
+                mlp_params([sizes.feature_dim, *self.head]) + dim * k,
+                "param",
+            ),
+            "features to cluster (training images x min(method.pca_dim, features))": (
+                n * min(self.pca_dim, dim),
+                "work",
+            ),
+            "k-means distances (method.kmeans_chunk x k)": (min(self.kmeans_chunk, n) * k, "work"),
+        }
 
 
 class SobelFilter(nn.Module):

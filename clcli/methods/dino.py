@@ -50,7 +50,18 @@ from clcli.methods.base import Batch, BuildContext, Method, StepOutput
 from clcli.methods.momentum import ema_update, momentum_copy, momentum_schedule
 from clcli.methods.multicrop import declared_view_names, multicrop_forward, views_of
 from clcli.models.heads import MLP
-from clcli.recipe import MethodConfig
+from clcli.recipe import MethodConfig, Recipe
+from clcli.recipe_checks import (
+    MAX_BLOCKS,
+    MAX_VIEW_GROUPS,
+    Epochs,
+    MemoryItems,
+    SizeContext,
+    Temperature,
+    group_names_problem,
+    mlp_params,
+    views_problem,
+)
 from clcli.schedules import WarmupConstant
 
 
@@ -62,20 +73,23 @@ class DINOConfig(MethodConfig):
     out_dim: int = Field(65536, ge=2, description="K, the head's output dimension")
     head_hidden: int = Field(2048, ge=1)
     head_bottleneck: int = Field(256, ge=1)
-    head_layers: int = Field(3, ge=1, description="MLP layers before the L2-normalised bottleneck")
+    head_layers: int = Field(3, ge=1, le=MAX_BLOCKS, description="MLP layers before the L2-normalised bottleneck")
     head_norm: Literal["none", "bn"] = Field("none", description="normalisation in the head's MLP (bn: use_bn_in_head)")
     norm_last_layer: bool = Field(True, description="fix the weight-normalised last layer's norm g to 1")
-    freeze_last_layer_epochs: float = Field(
-        1.0, ge=0, description="the last layer gets no update during the run's first epochs (not shrunk in short runs)"
+    freeze_last_layer_epochs: Epochs = Field(
+        1.0, description="the last layer gets no update during the run's first epochs (not shrunk in short runs)"
     )
     teacher_views: list[str] = Field(
-        default_factory=lambda: ["global"], min_length=1, description="view groups the teacher sees"
+        default_factory=lambda: ["global"],
+        min_length=1,
+        max_length=MAX_VIEW_GROUPS,
+        description="view groups the teacher sees",
     )
-    student_temperature: float = Field(0.1, gt=0)
-    teacher_temperature: float = Field(0.07, gt=0, description="τ_t after the warm-up")
-    warmup_teacher_temperature: float = Field(0.04, gt=0, description="τ_t at the start of the warm-up")
-    warmup_teacher_temperature_epochs: float = Field(
-        30.0, ge=0, description="τ_t's warm-up over the run's first epochs (not shrunk in short runs)"
+    student_temperature: Temperature = 0.1
+    teacher_temperature: Temperature = Field(0.07, description="τ_t after the warm-up")
+    warmup_teacher_temperature: Temperature = Field(0.04, description="τ_t at the start of the warm-up")
+    warmup_teacher_temperature_epochs: Epochs = Field(
+        30.0, description="τ_t's warm-up over the run's first epochs (not shrunk in short runs)"
     )
     center_momentum: float = Field(0.9, ge=0, lt=1)
     momentum_start: float = Field(0.996, ge=0, le=1, description="teacher EMA momentum at step 0")
@@ -86,6 +100,22 @@ class DINOConfig(MethodConfig):
         description="let the student's local-crop passes update BatchNorm running statistics (the official "
         "code); by default only its global-crop passes do, so an evaluated student normalises with those",
     )
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
+        out = views_problem(recipe, "dino", at_least=2)
+        return out + group_names_problem(recipe, self.teacher_views, "method.teacher_views")
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        dims = [sizes.feature_dim, *([self.head_hidden] * (self.head_layers - 1)), self.head_bottleneck]
+        head = mlp_params(dims) + self.head_bottleneck * self.out_dim
+        return {
+            "head (method.head_hidden, head_bottleneck, out_dim)": (head, "param"),
+            "teacher (a copy of backbone and head)": (sizes.backbone_params + head, "state"),
+            "outputs (views x trainer.batch_size x method.out_dim, student and teacher)": (
+                2 * sizes.views * sizes.batch_size * self.out_dim,
+                "work",
+            ),
+        }
 
 
 class WeightNormLinear(nn.Module):

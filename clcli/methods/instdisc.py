@@ -36,7 +36,8 @@ from clcli.losses import instdisc_nce, instdisc_nce_normaliser, instdisc_softmax
 from clcli.methods.base import Batch, BuildContext, Method, StepOutput
 from clcli.methods.memory import MemoryBank, fill_banks_from_encoder
 from clcli.models.heads import MLP
-from clcli.recipe import MethodConfig
+from clcli.recipe import MethodConfig, Recipe
+from clcli.recipe_checks import ExpTemperature, MemoryItems, SizeContext, mlp_params, views_problem
 
 
 class InstDiscConfig(MethodConfig):
@@ -44,7 +45,7 @@ class InstDiscConfig(MethodConfig):
 
     name: str = "instdisc"
     embedding_dim: int = Field(128, ge=1, description="size of the L2-normalised embedding (a linear layer)")
-    temperature: float = Field(0.07, gt=0)
+    temperature: ExpTemperature = Field(0.07, description="τ (at least 0.02: NCE estimates Z from exp(score / τ))")
     bank_momentum: float = Field(0.5, ge=0, lt=1, description="m in v_i <- normalise(m v_i + (1 - m) f_i)")
     loss: Literal["nce", "softmax"] = Field("nce", description="NCE with noise samples, or the full softmax")
     nce_k: int = Field(4096, ge=1, description="noise samples per image, drawn uniformly from the bank")
@@ -54,6 +55,21 @@ class InstDiscConfig(MethodConfig):
     bank_init: Literal["random", "encoded"] = Field(
         "random", description="random vectors (paper), or the initial network's embeddings of every image"
     )
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
+        return views_problem(recipe, "instdisc", exactly=1)
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        n, b, d = sizes.dataset_size or 0, sizes.batch_size, self.embedding_dim
+        scores = b * min(self.nce_k * d, n) if self.loss == "nce" else b * n
+        return {
+            "head (method.embedding_dim)": (mlp_params([sizes.feature_dim, d]), "param"),
+            "memory bank (training images x method.embedding_dim)": (n * d, "state"),
+            "scores of one batch (trainer.batch_size x method.nce_k, or x training images)": (
+                scores,
+                "work",
+            ),
+        }
 
 
 class InstDisc(Method):

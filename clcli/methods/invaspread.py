@@ -30,7 +30,8 @@ from clcli.errors import RecipeError
 from clcli.losses import invaspread_loss
 from clcli.methods.base import Batch, BuildContext, Method, StepOutput
 from clcli.models.heads import MLP
-from clcli.recipe import MethodConfig
+from clcli.recipe import MethodConfig, Recipe
+from clcli.recipe_checks import MemoryItems, SizeContext, Temperature, mlp_params, views_problem
 
 
 class InvaSpreadConfig(MethodConfig):
@@ -38,10 +39,23 @@ class InvaSpreadConfig(MethodConfig):
 
     name: str = "invaspread"
     embedding_dim: int = Field(128, ge=1, description="size of the L2-normalised embedding (a linear layer)")
-    temperature: float = Field(0.1, gt=0)
+    temperature: Temperature = 0.1
     detach_others: bool = Field(
         True, description="no gradient through the non-anchor factor of each product (the official code)"
     )
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
+        out = views_problem(recipe, "invaspread", exactly=2)
+        if not out and len({g.size for g in recipe.views.groups}) > 1:
+            out.append(("views.groups", "invaspread's two views must have the same size"))
+        return out
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        b = sizes.batch_size
+        return {
+            "head (method.embedding_dim)": (mlp_params([sizes.feature_dim, self.embedding_dim]), "param"),
+            "similarity matrix ((2 x trainer.batch_size)^2)": ((2 * b) ** 2, "work"),
+        }
 
 
 class InvaSpread(Method):

@@ -34,7 +34,8 @@ from clcli.methods.base import Batch, BuildContext, Method, StepOutput
 from clcli.methods.memory import FeatureQueue
 from clcli.methods.momentum import ema_update, momentum_copy, momentum_schedule
 from clcli.models.heads import MLP
-from clcli.recipe import MethodConfig
+from clcli.recipe import MethodConfig, Recipe
+from clcli.recipe_checks import HeadDims, MemoryItems, SizeContext, Temperature, mlp_params, views_problem
 
 __all__ = ["MoCo", "MoCoConfig", "SplitBatchNorm", "convert_split_batchnorm", "grouped_shuffle"]
 
@@ -43,14 +44,15 @@ class MoCoConfig(MethodConfig):
     """MoCo's settings; the defaults are v1's ImageNet values (arXiv:1911.05722 §4)."""
 
     name: str = "moco"
-    projector: list[int] = Field(
+    projector: HeadDims = Field(
         default_factory=lambda: [128],
-        min_length=1,
         description="head dims after the backbone: [128] is v1's linear head, [2048, 128] v2's MLP",
     )
     projector_norm: str = Field("none", pattern="^(bn|ln|none)$", description="v2's MLP head has no normalisation")
-    temperature: float = Field(0.07, gt=0)
-    queue_size: int = Field(65536, ge=1, description="K, the number of keys in the queue")
+    temperature: Temperature = 0.07
+    queue_size: int = Field(
+        65536, ge=1, description="K, the number of keys in the queue (any size: the queue wraps around)"
+    )
     momentum: float = Field(0.999, ge=0, le=1, description="key encoder EMA momentum m")
     momentum_end: float | None = Field(
         None, ge=0, le=1, description="if set, m moves from `momentum` to this on a cosine over the run"
@@ -59,6 +61,24 @@ class MoCoConfig(MethodConfig):
         8, ge=1, description="shuffling BN: groups of the global batch with their own BN statistics (1 = off)"
     )
     symmetric: bool = Field(False, description="symmetrised loss (MoCo's CIFAR demo); the papers use one direction")
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
+        out = views_problem(recipe, "moco", exactly=2)
+        if self.bn_groups > recipe.trainer.batch_size:
+            out.append(
+                ("method.bn_groups", f"{self.bn_groups} groups exceed trainer.batch_size ({recipe.trainer.batch_size})")
+            )
+        return out
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        head = mlp_params([sizes.feature_dim, *self.projector])
+        b, k = sizes.batch_size, self.queue_size
+        return {
+            "projector (method.projector)": (head, "param"),
+            "key encoder (a copy of backbone and projector)": (sizes.backbone_params + head, "state"),
+            "queue (method.queue_size x method.projector[-1])": (k * self.projector[-1], "state"),
+            "logits (trainer.batch_size x method.queue_size)": (b * (1 + k) * (2 if self.symmetric else 1), "work"),
+        }
 
 
 # ------------------------------------------------------------------------- shuffling BN

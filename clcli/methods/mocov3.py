@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from clcli import dist
@@ -24,7 +24,8 @@ from clcli.losses import mocov3_loss
 from clcli.methods.base import Batch, BuildContext, Method, StepOutput
 from clcli.methods.momentum import ema_update, momentum_copy, momentum_schedule
 from clcli.models.heads import MLP
-from clcli.recipe import MethodConfig
+from clcli.recipe import MethodConfig, Recipe
+from clcli.recipe_checks import HeadDims, MemoryItems, SizeContext, Temperature, mlp_params, views_problem
 
 __all__ = ["MoCoV3", "MoCoV3Config"]
 
@@ -34,19 +35,42 @@ class MoCoV3Config(MethodConfig):
 
     name: str = "mocov3"
     sync_batchnorm: bool = True  # the paper normalises over the global batch
-    projector: list[int] = Field(
+    projector: HeadDims = Field(
         default_factory=lambda: [4096, 256],
-        min_length=1,
         description="projector dims after the backbone: 2 layers for ResNet, [4096, 4096, 256] for ViT",
     )
     projector_last_norm: bool = Field(True, description="BatchNorm (no affine) on the projector's output")
-    predictor: list[int] = Field(
-        default_factory=lambda: [4096, 256], min_length=1, description="predictor dims after the projector"
+    predictor: HeadDims = Field(
+        default_factory=lambda: [4096, 256], description="predictor dims after the projector, ending at its output"
     )
     predictor_last_norm: bool = Field(False, description="BatchNorm (no affine) on the predictor's output")
-    temperature: float = Field(1.0, gt=0, description="tau: 1.0 for ResNet, 0.2 for ViT")
+    temperature: Temperature = Field(1.0, description="tau: 1.0 for ResNet, 0.2 for ViT")
     momentum: float = Field(0.99, ge=0, le=1, description="momentum encoder EMA at the first step")
     momentum_end: float = Field(1.0, ge=0, le=1, description="EMA momentum at the last step (cosine)")
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> MoCoV3Config:
+        if self.predictor[-1] != self.projector[-1]:
+            raise ValueError(
+                f"predictor must end at the projector's output size ({self.projector[-1]}), got {self.predictor[-1]}: "
+                "queries are compared with the momentum projector's keys"
+            )
+        return self
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
+        return views_problem(recipe, "mocov3", exactly=2)
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        projector = mlp_params([sizes.feature_dim, *self.projector])
+        b = sizes.batch_size
+        return {
+            "projector and predictor (method.projector, method.predictor)": (
+                projector + mlp_params([self.projector[-1], *self.predictor]),
+                "param",
+            ),
+            "momentum encoder (a copy of backbone and projector)": (sizes.backbone_params + projector, "state"),
+            "logits (2 x trainer.batch_size^2)": (2 * b * b, "work"),
+        }
 
 
 def _head(dims: list[int], last_norm: bool) -> MLP:

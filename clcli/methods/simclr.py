@@ -15,7 +15,8 @@ from clcli import dist
 from clcli.losses import nt_xent
 from clcli.methods.base import Batch, BuildContext, Method, StepOutput
 from clcli.models.heads import MLP
-from clcli.recipe import MethodConfig
+from clcli.recipe import MethodConfig, Recipe
+from clcli.recipe_checks import HeadDims, MemoryItems, SizeContext, Temperature, mlp_params, views_problem
 
 
 class SimCLRConfig(MethodConfig):
@@ -23,9 +24,18 @@ class SimCLRConfig(MethodConfig):
 
     name: str = "simclr"
     sync_batchnorm: bool = True  # the paper normalises over the global batch
-    projector: list[int] = Field(default_factory=lambda: [2048, 128], min_length=1)
+    projector: HeadDims = Field(default_factory=lambda: [2048, 128])
     projector_norm: str = Field("bn", pattern="^(bn|ln|none)$")
-    temperature: float = Field(0.5, gt=0)
+    temperature: Temperature = 0.5
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
+        return views_problem(recipe, "simclr", exactly=2)
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        return {
+            "projector (method.projector)": (mlp_params([sizes.feature_dim, *self.projector]), "param"),
+            "similarity matrix ((2 x trainer.batch_size)^2)": ((2 * sizes.batch_size) ** 2, "work"),
+        }
 
 
 class SimCLR(Method):

@@ -33,7 +33,8 @@ from clcli.losses import simsiam_loss
 from clcli.methods.base import Batch, BuildContext, Method, ParamGroup, StepOutput
 from clcli.methods.multicrop import ViewPasses, describe_view_passes, pass_views
 from clcli.models.heads import MLP
-from clcli.recipe import MethodConfig
+from clcli.recipe import MethodConfig, Recipe
+from clcli.recipe_checks import HeadDims, MemoryItems, SizeContext, mlp_params, views_problem
 
 
 class SimSiamConfig(MethodConfig):
@@ -46,8 +47,8 @@ class SimSiamConfig(MethodConfig):
 
     name: str = "simsiam"
     sync_batchnorm: bool = True  # the paper normalises over the global batch
-    projector: list[int] = Field(default_factory=lambda: [2048, 2048, 2048], min_length=1)
-    predictor: list[int] = Field(default_factory=lambda: [512, 2048], min_length=1)
+    projector: HeadDims = Field(default_factory=lambda: [2048, 2048, 2048])
+    predictor: HeadDims = Field(default_factory=lambda: [512, 2048])
     stop_gradient: bool = Field(True, description="false only for the paper's collapse ablation")
     fixed_predictor_lr: bool = Field(True, description="hold the predictor's learning rate at the peak")
     view_passes: ViewPasses = "separate"  # the paper's Algorithm 1: one pass per view
@@ -56,9 +57,16 @@ class SimSiamConfig(MethodConfig):
     def _heads_fit(self) -> SimSiamConfig:
         if self.predictor[-1] != self.projector[-1]:
             raise ValueError(
-                f"the predictor's output ({self.predictor[-1]}) must equal the projector's ({self.projector[-1]})"
+                f"predictor's output ({self.predictor[-1]}) must equal the projector's ({self.projector[-1]})"
             )
         return self
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
+        return views_problem(recipe, "simsiam", exactly=2)
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        heads = mlp_params([sizes.feature_dim, *self.projector]) + mlp_params([self.projector[-1], *self.predictor])
+        return {"projector and predictor (method.projector, method.predictor)": (heads, "param")}
 
 
 def projector_mlp(in_dim: int, dims: list[int]) -> MLP:

@@ -47,7 +47,20 @@ from clcli.methods.base import Batch, BuildContext, Method, StepOutput
 from clcli.methods.memory import FeatureQueue
 from clcli.methods.multicrop import declared_view_names, multicrop_forward, views_of
 from clcli.models.heads import MLP
-from clcli.recipe import MethodConfig
+from clcli.recipe import MethodConfig, Recipe
+from clcli.recipe_checks import (
+    MAX_ITERATIONS,
+    MAX_VIEW_GROUPS,
+    Epochs,
+    ExpTemperature,
+    HeadDims,
+    MemoryItems,
+    SizeContext,
+    Temperature,
+    group_names_problem,
+    mlp_params,
+    views_problem,
+)
 
 
 class SwAVConfig(MethodConfig):
@@ -55,27 +68,30 @@ class SwAVConfig(MethodConfig):
 
     name: str = "swav"
     sync_batchnorm: bool = True  # the paper normalises over the global batch
-    projector: list[int] = Field(
-        default_factory=lambda: [2048, 128], min_length=1, description="MLP dims after the backbone: hidden..., out"
+    projector: HeadDims = Field(
+        default_factory=lambda: [2048, 128], description="MLP dims after the backbone: hidden..., out"
     )
     projector_norm: str = Field("bn", pattern="^(bn|ln|none)$")
     num_prototypes: int = Field(3000, ge=2)
-    temperature: float = Field(0.1, gt=0, description="τ of the swapped prediction's softmax")
-    epsilon: float = Field(0.05, gt=0, description="Sinkhorn-Knopp entropy weight ε")
-    sinkhorn_iterations: int = Field(3, ge=1)
-    code_views: list[str] = Field(
-        default_factory=lambda: ["global"], min_length=1, description="view groups whose crops give codes"
+    temperature: Temperature = Field(0.1, description="τ of the swapped prediction's softmax")
+    epsilon: ExpTemperature = Field(
+        0.05, description="Sinkhorn-Knopp entropy weight ε (at least 0.02: the codes start from exp(score / ε))"
     )
-    freeze_prototypes_epochs: float = Field(
+    sinkhorn_iterations: int = Field(3, ge=1, le=MAX_ITERATIONS, description="each one pass over the batch's scores")
+    code_views: list[str] = Field(
+        default_factory=lambda: ["global"],
+        min_length=1,
+        max_length=MAX_VIEW_GROUPS,
+        description="view groups whose crops give codes",
+    )
+    freeze_prototypes_epochs: Epochs = Field(
         1.0,
-        ge=0,
         description="prototypes get no update during the run's first epochs (the paper: the first epoch, 313 "
         "iterations at batch 4096); counted as they are, not shrunk with a short run's schedule",
     )
     queue_length: int = Field(0, ge=0, description="feature queue per code crop, over all processes (0: none)")
-    queue_start_epoch: float = Field(
+    queue_start_epoch: Epochs = Field(
         15.0,
-        ge=0,
         description="the queue starts filling at this epoch of the run (counted as it is, not shrunk with a short "
         "run's schedule) and is used once full",
     )
@@ -84,6 +100,26 @@ class SwAVConfig(MethodConfig):
         description="let every crop's pass update BatchNorm running statistics (the official code); by default "
         "only the code crops' do, so evaluation on full images normalises with full-size-crop statistics",
     )
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[str, str]]:
+        out = views_problem(recipe, "swav", at_least=2)
+        return out + group_names_problem(recipe, self.code_views, "method.code_views", not_all=True)
+
+    def memory_items(self, recipe: Recipe, sizes: SizeContext) -> MemoryItems:
+        dim, k, b = self.projector[-1], self.num_prototypes, sizes.batch_size
+        code_crops = sum(g.count for g in recipe.views.groups if g.name in self.code_views)
+        return {
+            "projector (method.projector)": (mlp_params([sizes.feature_dim, *self.projector]), "param"),
+            "prototypes (method.num_prototypes x method.projector[-1])": (k * dim, "param"),
+            "queues (code crops x method.queue_length x method.projector[-1])": (
+                code_crops * self.queue_length * dim,
+                "state",
+            ),
+            "scores (views x trainer.batch_size x method.num_prototypes)": (
+                sizes.views * b * k + (b + self.queue_length) * k,
+                "work",
+            ),
+        }
 
 
 class SwAV(Method):
