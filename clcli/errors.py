@@ -37,3 +37,11 @@ class CheckpointError(ClcliError):
 
 class TrainingError(ClcliError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+class FileSystemError(ClcliError):
+    """A file or folder cannot be read or written: missing, of the wrong kind, not permitted, or the disk is full."""
+
+
+class CodeNotAllowedError(ClcliError):
+    """A recipe names Python code to load (a ``python:`` hook) and the user has not allowed loading code."""

@@ -20,6 +20,8 @@ LAYERS = [
     ("clcli.recipe", 0),
     ("clcli.registry", 0),
     ("clcli.precision", 0),
+    ("clcli.fsio", 0),
+    ("clcli.trust", 0),
     ("clcli.models", 1),
     ("clcli.views", 1),
     ("clcli.data", 1),
@@ -36,6 +38,7 @@ LAYERS = [
     ("clcli.train", 4),
     ("clcli.cli", 5),
     ("clcli.cli_options", 5),
+    ("clcli.cli_report", 5),
     ("clcli.__main__", 5),
 ]
 MAX_LINES = 500
