@@ -2,8 +2,10 @@
 
 Every case is something a user can do (a wrong path, an unwritable output, a damaged run folder, a bad
 option value).  A case ends *clean* when the process exits with code 2 and stderr is one ``error:`` line
-(or Typer's usage box) without a Python traceback; *traceback* when stderr holds one; *accepted* when it
-exits 0; *other* for any other exit.  Run from the repository root::
+(or Typer's usage box) without a Python traceback (*clean-multiline*: exit 2, no traceback, a message of
+several lines); *traceback* when stderr holds one; *accepted* when it exits 0; *timeout* when it still runs
+after 150 s (a misuse accepted as a full training run, or a hang); *exit-N* for any other exit.
+Run from the repository root::
 
     PYTHONPATH=$PWD python bench/notes/cli_misuse.py [--json results.json]
 
@@ -86,7 +88,6 @@ def main() -> None:
     proc = clcli("pretrain", "--recipe", "simclr", "--out", str(run), "--no-progress", *sets())
     if proc.returncode != 0:
         sys.exit(f"could not train the tiny run:\n{proc.stderr}")
-    ckpt = run / "checkpoints" / "step-00000003"
     afile = tmp / "a-file.txt"
     afile.write_text("not a folder\n")
     adir = tmp / "a-dir"
@@ -189,7 +190,7 @@ def main() -> None:
         try:
             proc = clcli(*argv)
         except subprocess.TimeoutExpired:
-            return name, "hang", -1, ""
+            return name, "timeout", -1, ""  # still running: accepted (a training run) or hung
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         return name, classify(proc), proc.returncode, (lines[-1] if lines else "")[:160]
 
