@@ -173,7 +173,13 @@ def main() -> None:
         "export --run missing": ["export", "--run", str(tmp / "nope"), "--out", str(tmp / "e2.safetensors")],
         "export truncated trainer.json": ["export", "--run", str(truncated), "--out", str(tmp / "e3.safetensors")],
         "export --checkpoint FILE": [
-            "export", "--run", str(run), "--checkpoint", str(afile), "--out", str(tmp / "e4.safetensors"),
+            "export",
+            "--run",
+            str(run),
+            "--checkpoint",
+            str(afile),
+            "--out",
+            str(tmp / "e4.safetensors"),
         ],  # fmt: skip
         # zeroshot
         "zeroshot non-CLIP run": ["zeroshot", "--run", str(run), "--labels", "a,b", "--images", str(adir)],
