@@ -80,7 +80,8 @@ HASH_NEUTRAL: dict[tuple[str, ...], Any] = {
 }
 
 # Fields added to the schema after rows were recorded that do not change what a one-process run
-# computes (or only how: trainer.compile): left out of the hash, so the rows measured before they existed keep matching their preset.
+# computes (or only how: trainer.compile): left out of the hash, so the rows measured before they
+# existed keep matching their preset.
 # The decoded-image cache (data.cache, cache_dir, cache_budget) gives the pixels decoding gives; data.cache_size
 # changes them, so it is left out only at its default (no resizing), as the rows before it ran.
 HASH_DROPPED: tuple[tuple[str, ...], ...] = (

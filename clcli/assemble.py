@@ -7,7 +7,6 @@ written to the run folder lives in :mod:`clcli.runs`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from clcli.precision import resolve_precision, with_precision
 from clcli.recipe import Recipe
 from clcli.recipe_checks import check_input_channels, check_memory
 from clcli.registry import METHODS
-from clcli.runs import check_resumable, claim_run_folder, record_run
+from clcli.runs import check_resumable, claim_run_folder, damaged_checkpoint_notes, record_run
 from clcli.schedules import make_plan
 from clcli.views import ViewMaker
 from clcli.views.batched import BatchedViews
@@ -115,8 +114,10 @@ def prepare_training(
         console.print(f"[yellow]note:[/] {why}")
         recipe = with_precision(recipe, precision)
     if existing is not None:
-        saved = json.loads((existing / ckpt.STATE_FILE).read_text())["recipe"]
+        saved = ckpt.read_state(existing)["recipe"]
         check_resumable(saved, recipe)
+    for note in damaged_checkpoint_notes(out, existing, resume=resume):
+        console.print(f"[yellow]note:[/] {note}")
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
     if recipe.trainer.deterministic:

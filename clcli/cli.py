@@ -5,13 +5,11 @@ Errors a user can cause end with one message on stderr and exit code 2, never a 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -20,6 +18,7 @@ from rich.table import Table
 from clcli.cli_cache import cache_app
 from clcli.cli_options import (
     ActivationOpt,
+    AllowCodeOpt,
     CkptOpt,
     DataOpt,
     EvalCkptOpt,
@@ -34,6 +33,7 @@ from clcli.cli_options import (
     TrainSplitOpt,
     TrustOpt,
 )
+from clcli.cli_report import check_data_spec, command_console, emit, print_zeroshot, report_skipped, user_errors
 
 app = typer.Typer(
     help=(
@@ -52,50 +52,6 @@ recipes_app = typer.Typer(help="List the built-in recipes or show one fully reso
 app.add_typer(eval_app, name="eval")
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(cache_app, name="cache")
-
-err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _console(as_json: bool) -> Console:
-    return Console(stderr=True, quiet=as_json)
-
-
-def user_errors(fn: F) -> F:
-    """Turn :class:`~clcli.errors.ClcliError` into one message and exit code 2.
-
-    Under a multi-process torchrun launch every command but ``pretrain`` refuses to run (it would
-    read and write once per process).
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from clcli.errors import ClcliError
-
-        try:
-            if fn.__name__ != "pretrain" and os.environ.get("WORLD_SIZE", "1") != "1":
-                from clcli.engine.distributed import refuse_multi_process
-
-                refuse_multi_process(f"clcli {fn.__name__.replace('_', ' ')}")
-            return fn(*args, **kwargs)
-        except ClcliError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _emit(result: dict[str, Any], as_json: bool, table_title: str | None = None) -> None:
-    if as_json:
-        typer.echo(json.dumps(result, indent=2, default=str))
-        return
-    table = Table(title=table_title, show_header=False)
-    for k, v in result.items():
-        table.add_row(str(k), f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console().print(table)
 
 
 # -------------------------------------------------------------------------------- pretrain
@@ -121,8 +77,8 @@ def pretrain(
             "(the default, shipped with scikit-learn). Same as --set data.source=...",
         ),
     ] = None,
-    out: Annotated[
-        Path | None,
+    out_arg: Annotated[
+        str | None,
         typer.Option(
             "--out", "-o", help="Run folder for checkpoints, metrics and the resolved recipe [default: runs/<recipe>]."
         ),
@@ -146,22 +102,28 @@ def pretrain(
         bool, typer.Option("--overwrite", help="Replace an existing run in --out instead of refusing.")
     ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Do not draw the progress bar.")] = False,
+    allow_code: AllowCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train an encoder with a recipe.
 
     Prints the resolved schedule, shows a progress bar (loss, learning rate, images/s, ETA), writes
     metrics.jsonl, recipe.yaml, provenance.json and checkpoints into the run folder. Ctrl-C saves a
-    checkpoint and stops; --resume continues it.
+    checkpoint and stops with exit code 130 (a second Ctrl-C stops at once); --resume continues it.
     """
     from clcli.dist import is_main
     from clcli.errors import ClcliError
     from clcli.recipe import apply_overrides, load_recipe, validate_recipe
     from clcli.runs import read_run_recipe
     from clcli.train import pretrain as run_pretrain
+    from clcli.trust import allowing_code
 
+    if out_arg is not None and not out_arg.strip():
+        raise ClcliError("--out is empty: give the run folder, e.g. --out runs/NAME")
+    out = Path(out_arg) if out_arg is not None else None
     overrides = list(set_ or [])
     if data is not None:
+        check_data_spec(data)
         overrides.append(f"data.source={json.dumps(data)}")
     if recipe is None:
         if not (resume and out is not None):
@@ -173,22 +135,29 @@ def pretrain(
     else:
         resolved = load_recipe(recipe, overrides)
     run_dir = out or Path("runs") / resolved.name
-    console = _console(as_json)
-    summary = run_pretrain(
-        resolved,
-        run_dir,
-        resume=resume,
-        overwrite=overwrite,
-        console=console,
-        show_progress=not (no_progress or as_json),
-    )
+    console = command_console(as_json)
+    with allowing_code(allow_code):
+        summary = run_pretrain(
+            resolved,
+            run_dir,
+            resume=resume,
+            overwrite=overwrite,
+            console=console,
+            show_progress=not (no_progress or as_json),
+        )
     if not is_main():
         return  # under torchrun the main process alone reports
+    if summary.get("skipped_bad_images"):
+        files, reads = summary["skipped_bad_images"], summary.get("skipped_bad_reads", 0)
+        console.print(
+            f"[yellow]skipped {files} unreadable image file{'s' if files != 1 else ''}"
+            + (f" ({reads} reads over the epochs)" if reads != files else "")
+            + "[/]"
+        )
+    emit(summary, as_json, "run")
     if summary.get("interrupted"):
         console.print(f"stopped at step {summary['steps']}; continue with: clcli pretrain --resume --out {run_dir}")
-    if summary.get("skipped_bad_images"):
-        console.print(f"[yellow]skipped {summary['skipped_bad_images']} unreadable images[/]")
-    _emit(summary, as_json, "run")
+        raise typer.Exit(130)  # interrupted: the checkpoint is saved, the run is not finished
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -217,6 +186,7 @@ def eval_knn(
     train_limit: TrainLimitOpt = None,
     test_limit: TestLimitOpt = None,
     output: OutputOpt = None,
+    allow_code: AllowCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Weighted k-nearest-neighbour accuracy of a run's frozen features (top-1 and top-5).
@@ -228,30 +198,40 @@ def eval_knn(
     evaluates its image tower (images resized as CLIP was trained: bicubic, OpenAI's mean and std).
     """
     from clcli.evaluate.protocols import knn_eval
+    from clcli.trust import allowing_code
 
-    result = knn_eval(
-        run,
-        checkpoint=checkpoint,
-        trust_torchscript=trust_torchscript,
-        activation=activation,
-        data=data,
-        train_split=train_split,
-        test_split=test_split,
-        k=k,
-        temperature=temperature,
-        features=features,
-        train_limit=train_limit,
-        test_limit=test_limit,
-        output=output,
-        console=_console(as_json),
-        show_progress=not as_json,
-    )
+    check_data_spec(data)
+    with allowing_code(allow_code):
+        result = knn_eval(
+            run,
+            checkpoint=checkpoint,
+            trust_torchscript=trust_torchscript,
+            activation=activation,
+            data=data,
+            train_split=train_split,
+            test_split=test_split,
+            k=k,
+            temperature=temperature,
+            features=features,
+            train_limit=train_limit,
+            test_limit=test_limit,
+            output=output,
+            console=command_console(as_json),
+            show_progress=not as_json,
+        )
     if not as_json:
-        Console().print(
+        console = Console()
+        report_skipped(result, Console(stderr=True))
+        if result["k"] < result["k_requested"]:
+            console.print(
+                f"[yellow]only {result['train_images']} reference images: kNN votes with k={result['k']} "
+                f"(asked {result['k_requested']})[/]"
+            )
+        console.print(
             f"kNN (k={result['k']}, T={result['temperature']}, {result['features']} features): "
             f"top-1 [bold]{result['top1']:.4f}[/]  top-5 {result['top5']:.4f}"
         )
-    _emit(result, as_json, "knn")
+    emit(result, as_json, "knn")
 
 
 @eval_app.command("linear")
@@ -268,6 +248,7 @@ def eval_linear(
     train_limit: TrainLimitOpt = None,
     test_limit: TestLimitOpt = None,
     output: OutputOpt = None,
+    allow_code: AllowCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Linear probe: logistic regression (L-BFGS) on frozen, pre-extracted features.
@@ -277,25 +258,29 @@ def eval_linear(
     Like `eval knn`, it also takes a pretrained CLIP file: --checkpoint FILE --data SPEC.
     """
     from clcli.evaluate.protocols import linear_eval
+    from clcli.trust import allowing_code
 
-    result = linear_eval(
-        run,
-        checkpoint=checkpoint,
-        trust_torchscript=trust_torchscript,
-        activation=activation,
-        data=data,
-        train_split=train_split,
-        test_split=test_split,
-        features=features,
-        train_limit=train_limit,
-        test_limit=test_limit,
-        output=output,
-        console=_console(as_json),
-        show_progress=not as_json,
-    )
+    check_data_spec(data)
+    with allowing_code(allow_code):
+        result = linear_eval(
+            run,
+            checkpoint=checkpoint,
+            trust_torchscript=trust_torchscript,
+            activation=activation,
+            data=data,
+            train_split=train_split,
+            test_split=test_split,
+            features=features,
+            train_limit=train_limit,
+            test_limit=test_limit,
+            output=output,
+            console=command_console(as_json),
+            show_progress=not as_json,
+        )
     if not as_json:
+        report_skipped(result, Console(stderr=True))
         Console().print(f"linear probe: top-1 [bold]{result['top1']:.4f}[/]")
-    _emit(result, as_json, "linear probe")
+    emit(result, as_json, "linear probe")
 
 
 # -------------------------------------------------------------------------------- zeroshot
@@ -368,6 +353,7 @@ def zeroshot(
         ),
     ] = "none",
     output: OutputOpt = None,
+    allow_code: AllowCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Zero-shot classification from label text with a CLIP run or a pretrained CLIP checkpoint.
@@ -377,51 +363,31 @@ def zeroshot(
     when --data is labelled, top-1 / top-5 accuracy and a per-class table.
     """
     from clcli.evaluate.zeroshot import zeroshot as run_zeroshot
+    from clcli.trust import allowing_code
 
-    result = run_zeroshot(
-        run,
-        checkpoint=checkpoint,
-        vocab=vocab,
-        trust_torchscript=trust_torchscript,
-        activation=activation,
-        labels=labels,
-        labels_file=labels_file,
-        templates=templates,
-        images=images,
-        data=data,
-        split=split,
-        limit=limit,
-        top_k=top_k,
-        predictions=predictions,
-        calibrate=calibrate,
-        output=output,
-        console=_console(as_json),
-        show_progress=not as_json,
-    )
-    if as_json:
-        typer.echo(json.dumps(result, indent=2, default=str))
-        return
-    console = Console()
-    if "per_class" in result:
-        table = Table("class", "label", "images", "top-1", "top-5", title="zero-shot accuracy per class")
-        for row in result["per_class"]:
-            if row["images"]:
-                top1, top5 = f"{row['top1']:.4f}", f"{row['top5']:.4f}"
-                table.add_row(row["class"], row["label"], str(row["images"]), top1, top5)
-        console.print(table)
-        console.print(
-            f"zero-shot ({len(result['labels'])} labels, {result['num_templates']} templates"
-            f"{', z-score calibrated' if result['calibrate'] != 'none' else ''}, classes matched "
-            f"{result['matched']}): top-1 [bold]{result['top1']:.4f}[/]  top-5 {result['top5']:.4f} "
-            f"on {result['images']} images"
+    check_data_spec(data)
+    with allowing_code(allow_code):
+        result = run_zeroshot(
+            run,
+            checkpoint=checkpoint,
+            vocab=vocab,
+            trust_torchscript=trust_torchscript,
+            activation=activation,
+            labels=labels,
+            labels_file=labels_file,
+            templates=templates,
+            images=images,
+            data=data,
+            split=split,
+            limit=limit,
+            top_k=top_k,
+            predictions=predictions,
+            calibrate=calibrate,
+            output=output,
+            console=command_console(as_json),
+            show_progress=not as_json,
         )
-    if "predictions" in result:
-        table = Table("image", "predictions", title="zero-shot predictions")
-        for p in result["predictions"]:
-            table.add_row(p["image"], ", ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top"]))
-        console.print(table)
-    if result.get("output"):
-        console.print(f"written to {result['output']}")
+    print_zeroshot(result, as_json)
 
 
 # ---------------------------------------------------------------------------------- export
@@ -432,6 +398,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="The file to write, e.g. backbone.safetensors.")],
     checkpoint: CkptOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="Export format (safetensors).")] = "safetensors",
+    allow_code: AllowCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the run's encoder as safetensors with its recipe and input normalisation as metadata.
@@ -440,9 +407,11 @@ def export(
     load_state_dict(strict=True) into the torchvision model built the same way (see the README).
     """
     from clcli.export import export_run
+    from clcli.trust import allowing_code
 
-    result = export_run(run, out, checkpoint=checkpoint, fmt=fmt)
-    _emit(result, as_json, "export")
+    with allowing_code(allow_code):
+        result = export_run(run, out, checkpoint=checkpoint, fmt=fmt)
+    emit(result, as_json, "export")
 
 
 # --------------------------------------------------------------------------------- recipes

@@ -33,6 +33,15 @@ TrustOpt = Annotated[
         "the file: use only files from a source you trust.",
     ),
 ]
+AllowCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-code",
+        help="Allow the recipe to load Python code it names (a python:MODULE hook, e.g. method.text_encoder): "
+        "importing a module runs its code, so use it only for recipes and run folders you trust. "
+        "Same as the environment variable CLCLI_ALLOW_CODE=1.",
+    ),
+]
 ActivationOpt = Annotated[
     str,
     typer.Option(
@@ -66,8 +75,10 @@ FeaturesOpt = Annotated[
         "set and test images are embedded [default: the recipe's eval.features].",
     ),
 ]
-TrainLimitOpt = Annotated[int | None, typer.Option("--train-limit", help="Use only the first N reference images.")]
-TestLimitOpt = Annotated[int | None, typer.Option("--test-limit", help="Use only the first N test images.")]
+TrainLimitOpt = Annotated[
+    int | None, typer.Option("--train-limit", help="Use only the first N reference images (N >= 1).")
+]
+TestLimitOpt = Annotated[int | None, typer.Option("--test-limit", help="Use only the first N test images (N >= 1).")]
 OutputOpt = Annotated[
     Path | None,
     typer.Option(

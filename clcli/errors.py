@@ -41,3 +41,11 @@ class TrainingError(ClcliError):
 
 class DistributedError(ClcliError):
     """The multi-process set-up is inconsistent (a half-set torchrun environment, a batch that does not split)."""
+
+
+class FileSystemError(ClcliError):
+    """A file or folder cannot be read or written: missing, of the wrong kind, not permitted, or the disk is full."""
+
+
+class CodeNotAllowedError(ClcliError):
+    """A recipe names Python code to load (a ``python:`` hook) and the user has not allowed loading code."""

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from clcli.errors import CheckpointError, ClcliError
+from clcli.fsio import atomic_output, check_output_file
 from clcli.models.backbones import build_backbone
 from clcli.recipe import BackboneConfig
 from clcli.registry import METHODS
@@ -29,9 +30,16 @@ FORMAT = "clcli-encoder-v1"
 
 
 def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None, fmt: str = "safetensors") -> dict[str, Any]:
-    """Write the run's encoder to ``out``; returns what was written."""
+    """Write the run's encoder to ``out``; returns what was written.
+
+    ``out`` is checked before the run is loaded (a folder, a path under a file or an unwritable
+    place is a user error); an existing file is replaced once the new one is complete, and a failed
+    write leaves no temporary behind.
+    """
     if fmt != "safetensors":
         raise ClcliError(f"unknown export format {fmt!r}; available: safetensors")
+    out = Path(out)
+    check_output_file(out, "the export file (--out)", "encoder.safetensors")  # before the run is loaded
     recipe, method, ckpt_path = load_run(Path(run_dir), checkpoint, device=torch.device("cpu"))
     tensors = {k: v.contiguous().cpu() for k, v in method.export_tensors().items()}
     probe = torch.zeros(2, recipe.model.backbone.in_channels, recipe.views.eval_size, recipe.views.eval_size)
@@ -50,11 +58,8 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None, fmt:
         "checkpoint": str(ckpt_path),
         "extra": json.dumps(method.extra_metadata()),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(out)
+    with atomic_output(out, "the export file (--out)", "encoder.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return {
         "out": str(out),
         "tensors": len(tensors),

@@ -452,13 +452,17 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise RecipeError(f"override {item!r} should look like section.key=value")
     key, _, value = item.partition("=")
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
+    if not key.strip():
         raise RecipeError(f"override {item!r} has no key")
+    path = [p.strip() for p in key.strip().split(".")]
+    if not all(path):
+        raise RecipeError(
+            f"override {item!r}: the key {key.strip()!r} has an empty part (two dots, or a dot at an end)"
+        )
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"override {item!r}: cannot read the value: {exc}") from None
+        raise RecipeError(f"override {item!r}: cannot read the value: {' '.join(str(exc).split())}") from None
     return path, parsed
 
 

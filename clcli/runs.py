@@ -121,14 +121,50 @@ def _same_on_every_process(found: Path | None) -> Path | None:
 def record_run(out: Path, recipe: Recipe, *, resumed_at: int | None = None) -> None:
     """Write ``recipe.yaml`` and ``provenance.json``; a resumption (``resumed_at``: its step) is appended."""
     out = Path(out)
-    (out / "recipe.yaml").write_text(recipe.to_yaml())
+    ckpt.atomic_write_text(out / "recipe.yaml", recipe.to_yaml())  # a kill mid-write leaves the old one
     prov_path = out / "provenance.json"
     prov = provenance(recipe)
     if resumed_at is not None and prov_path.exists():
-        old = json.loads(prov_path.read_text())
+        old = _read_provenance(prov_path)
         old.setdefault("resumed", []).append({"step": resumed_at, **prov})
         prov = old
     ckpt.atomic_write_text(prov_path, json.dumps(prov, indent=2))
+
+
+def _read_provenance(path: Path) -> dict[str, Any]:
+    """A run's ``provenance.json``; a damaged one is a :class:`CheckpointError` naming it."""
+    try:
+        old = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} is damaged ({exc}); repair it, or move it away to start a new provenance record, and resume again"
+        ) from None
+    if not isinstance(old, dict):
+        raise CheckpointError(f"{path} is damaged (not a JSON object); move it away and resume again")
+    return old
+
+
+def check_run_files(out: Path) -> None:
+    """Before a resume starts: the run's ``provenance.json``, which the resume appends to, must read."""
+    prov_path = Path(out) / "provenance.json"
+    if prov_path.is_file():
+        _read_provenance(prov_path)
+
+
+def damaged_checkpoint_notes(out: Path, existing: Path | None, *, resume: bool) -> list[str]:
+    """What a resume says about damaged checkpoints newer than ``existing`` (the one it continues from).
+
+    With none intact at all, resuming would start from step 0 over a run: that is refused.
+    """
+    if not resume or not Path(out).is_dir():
+        return []
+    intact, damaged = ckpt.newest_intact_checkpoint(Path(out))
+    if intact is None and damaged:
+        reasons = "; ".join(why for _, why in damaged[:3])
+        raise CheckpointError(
+            f"no intact checkpoint in {out} to resume from ({reasons}); use --overwrite to start the run again"
+        )
+    return [f"{why}; resuming from the newest intact checkpoint, {existing.name}" for _, why in damaged if existing]
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -145,6 +181,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def read_run_recipe(run_dir: Path) -> Recipe:
     """The validated recipe saved in a run folder."""
     path = Path(run_dir) / "recipe.yaml"
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir} is a file, not a run folder")
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist")
     if not path.is_file():
@@ -154,7 +192,11 @@ def read_run_recipe(run_dir: Path) -> Recipe:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise CheckpointError(f"{path} is not valid YAML: {exc}") from None
+        raise CheckpointError(f"{path} is damaged (not valid YAML: {' '.join(str(exc).split())})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is damaged (not a mapping of recipe sections)")
     try:
         return validate_recipe(raw)
     except RecipeError as exc:
@@ -198,10 +240,8 @@ def load_run(
     recipe's ``trainer.device``).
     """
     recipe = read_run_recipe(Path(run_dir))
-    path = ckpt.resolve_checkpoint(Path(checkpoint)) if checkpoint else ckpt.latest_checkpoint(Path(run_dir))
-    if path is None:
-        raise CheckpointError(f"run folder {run_dir} has no checkpoint yet")
-    state = json.loads((path / ckpt.STATE_FILE).read_text())
+    path = ckpt.resolve_checkpoint(Path(checkpoint)) if checkpoint else _newest_checkpoint(Path(run_dir))
+    state = ckpt.read_state(path)
     if state.get("recipe_hash") != recipe.digest():
         try:
             check_resumable(state.get("recipe", {}), recipe)
@@ -215,7 +255,7 @@ def load_run(
     ctx = BuildContext(
         recipe=recipe,
         build_backbone=lambda: build_backbone(recipe.model.backbone),
-        dataset_size=_dataset_size_from_state(cls, path),
+        dataset_size=state.get("dataset_size") if cls.needs_index else None,
         num_classes=None,
         steps_per_epoch=steps,
         total_steps=steps,
@@ -232,9 +272,16 @@ def load_run(
     return recipe, method, path
 
 
-def _dataset_size_from_state(cls: type[Method], path: Path) -> int | None:
-    """Methods with per-image state (memory banks) need the training-set size to rebuild their buffers."""
-    if not cls.needs_index:
-        return None
-    state = json.loads((path / ckpt.STATE_FILE).read_text())
-    return state.get("dataset_size")
+def _newest_checkpoint(run_dir: Path) -> Path:
+    """The run's newest checkpoint, which must be intact: a damaged one is named, with the intact one to use."""
+    intact, damaged = ckpt.newest_intact_checkpoint(run_dir)
+    if damaged:
+        hint = (
+            f"; the newest intact checkpoint is {intact}: pass --checkpoint {intact} to use it"
+            if intact is not None
+            else "; the run has no intact checkpoint"
+        )
+        raise CheckpointError(damaged[0][1] + hint)
+    if intact is None:
+        raise CheckpointError(f"run folder {run_dir} has no checkpoint yet")
+    return intact

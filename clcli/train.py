@@ -13,7 +13,9 @@ from rich.console import Console
 
 from clcli.assemble import prepare_training
 from clcli.evaluate.online import make_online_knn
+from clcli.fsio import check_output_folder
 from clcli.recipe import Recipe
+from clcli.runs import check_run_files
 
 
 def pretrain(
@@ -30,6 +32,9 @@ def pretrain(
     With ``trainer.online_knn_every`` the backbone is scored by kNN on the recipe's own splits
     (:func:`clcli.evaluate.online.make_online_knn`) every that many epochs.
     """
+    check_output_folder(out)  # before the data is read and the model built
+    if resume:
+        check_run_files(out)
     stages = prepare_training(
         recipe,
         out,

@@ -21,6 +21,8 @@ LAYERS = [
     ("clcli.recipe_checks", 0),
     ("clcli.registry", 0),
     ("clcli.precision", 0),
+    ("clcli.fsio", 0),
+    ("clcli.trust", 0),
     ("clcli.models", 1),
     ("clcli.views", 1),
     ("clcli.data", 1),
@@ -38,6 +40,7 @@ LAYERS = [
     ("clcli.cli", 5),
     ("clcli.cli_options", 5),
     ("clcli.cli_cache", 5),
+    ("clcli.cli_report", 5),
     ("clcli.__main__", 5),
 ]
 MAX_LINES = 500

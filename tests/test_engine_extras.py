@@ -115,4 +115,5 @@ def test_skip_bad_images_counts_and_reports_them(tmp_path, folder_with_a_bad_ima
         "data.skip_bad_images=true",
     )
     summary = pretrain(recipe, tmp_path / "run")
-    assert summary["steps"] == 2 and summary["skipped_bad_images"] == 2  # one per epoch
+    assert summary["steps"] == 2 and summary["skipped_bad_images"] == 1  # one file ...
+    assert summary["skipped_bad_reads"] == 2  # ... read once per epoch

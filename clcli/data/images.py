@@ -9,7 +9,10 @@ Colour handling, whichever decoder is used:
 * an alpha channel (RGBA, LA, palette with transparency) is **dropped**, not composited;
 * palette and CMYK images are converted to RGB;
 * 16-bit images keep their 8 most significant bits;
-* animated images (GIF, WebP) give their first frame.
+* animated images (GIF, WebP) give their first frame;
+* the EXIF orientation tag is applied (as Pillow's ``ImageOps.exif_transpose``): a photo taken with
+  the camera turned and stored sideways with an orientation tag is decoded upright, as image
+  viewers show it; the tag itself is not kept.  A damaged EXIF block is ignored.
 
 :mod:`torchvision.io` is imported on first use, not at import time (it takes about a second).
 """
@@ -51,13 +54,14 @@ def _torchvision_decoder() -> tuple[Any, Any] | None:
 
 
 def _torchvision_can_decode(data: bytes) -> bool:
-    """Whether the magic bytes name a format torchvision's ``decode_image`` reads."""
-    return (
-        data.startswith(_JPEG)
-        or data.startswith(_PNG)
-        or data.startswith(_GIF)
-        or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-    )
+    """Whether the magic bytes name a format torchvision's ``decode_image`` reads (with its EXIF orientation).
+
+    torchvision applies the orientation tag of JPEG and PNG only, so a WebP file carrying EXIF goes
+    to Pillow.
+    """
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return b"EXIF" not in data[12:4096]
+    return data.startswith(_JPEG) or data.startswith(_PNG) or data.startswith(_GIF)
 
 
 def _is_16bit_png(data: bytes) -> bool:
@@ -85,6 +89,17 @@ def pil_to_tensor(img: Any) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def upright(img: Any) -> Any:
+    """A Pillow image turned as its EXIF orientation tag says (``ImageOps.exif_transpose``); unchanged without one."""
+    from PIL import ImageOps
+
+    try:
+        turned = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: keep the pixels as stored
+        return img
+    return img if turned is None else turned
+
+
 def _decode_with_pil(data: bytes, where: str) -> torch.Tensor:
     """Decode ``data`` with Pillow, raising :class:`BadImageError` naming ``where`` on failure."""
     from PIL import Image, UnidentifiedImageError
@@ -92,7 +107,7 @@ def _decode_with_pil(data: bytes, where: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return pil_to_tensor(img)
+            return pil_to_tensor(upright(img))
     except UnidentifiedImageError:
         raise BadImageError(where, "not a recognised image format") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -113,7 +128,10 @@ def decode_image_bytes(data: bytes, where: str) -> torch.Tensor:
         try:
             with warnings.catch_warnings():  # torchvision 0.29 warns on every call that it moves to TorchCodec
                 warnings.simplefilter("ignore", DeprecationWarning)
-                out = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=rgb)
+                exif = not data.startswith(_GIF)  # torchvision reads the orientation tag of JPEG and PNG
+                out = decode(
+                    torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=rgb, apply_exif_orientation=exif
+                )
         except (RuntimeError, ValueError):
             pass  # truncated or unusual file: Pillow decides (and words the error)
         else:
@@ -208,7 +226,7 @@ def image_from_value(value: Any, where: str, base_dirs: tuple[str, ...] = ()) ->
         raise BadImageError(where, "the row holds no image")
     if hasattr(value, "mode") and hasattr(value, "convert"):  # a Pillow image
         try:
-            return pil_to_tensor(value)
+            return pil_to_tensor(upright(value))
         except (OSError, ValueError) as exc:
             raise BadImageError(where, str(exc)) from None
     return _array_to_tensor(value, where)

@@ -98,8 +98,10 @@ def open_source(
     scheme = _registered_scheme(spec)
     if scheme is not None:
         return SOURCES.get(scheme)(spec, split, **columns, streaming=streaming)
+    if not spec:
+        raise DataError("the data spec is empty: give a folder of images, a table file, hf:NAME or embedded:digits")
     path = Path(spec).expanduser()
-    if not spec or not path.exists():
+    if not path.exists():
         raise DataError(f"data path {spec} does not exist")
     source = _open_local(spec, path, split, **columns)
     return MapStream(source) if streaming else source

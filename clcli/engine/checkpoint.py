@@ -30,9 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from clcli.errors import CheckpointError
+from clcli.errors import CheckpointError, FileSystemError
+from clcli.fsio import is_io_failure, os_reason
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -179,7 +181,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     np.random.set_state((name, np.frombuffer(base64.b64decode(keys), dtype=np.uint32), *rest))
 
 
-def save_checkpoint(
+def _write_checkpoint(
     run_dir: Path,
     step: int,
     model_state: dict[str, torch.Tensor],
@@ -220,20 +222,137 @@ def save_checkpoint(
     return final
 
 
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write one checkpoint atomically and prune old ones; returns its folder.
+
+    When the write fails (a full disk, a permission) or is interrupted, the temporaries it made are
+    removed and the earlier checkpoints stay as they were; a file-system failure is a
+    :class:`~clcli.errors.FileSystemError` naming the run and its newest complete checkpoint.
+    """
+    root = Path(run_dir) / CKPT_DIR
+    before = set(root.glob(".*tmp*")) if root.is_dir() else set()
+    try:
+        return _write_checkpoint(run_dir, step, model_state, optimizer_state, trainer_state, keep)
+    except BaseException as exc:
+        for made in set(root.glob(".*tmp*")) - before:
+            if made.is_dir() and not made.is_symlink():
+                shutil.rmtree(made, ignore_errors=True)
+            else:
+                made.unlink(missing_ok=True)
+        if not is_io_failure(exc):
+            raise
+        last = latest_checkpoint(Path(run_dir))
+        kept = f"; the newest complete checkpoint is {last}" if last else ""
+        raise FileSystemError(f"cannot write the checkpoint of step {step} in {root}: {os_reason(exc)}{kept}") from None
+
+
 def is_complete(path: Path) -> bool:
     return all((path / f).is_file() for f in (MODEL_FILE, OPTIM_FILE, STATE_FILE))
 
 
+# what a checkpoint's trainer.json must hold for a resume
+_STATE_KEYS = ("step", "epoch", "position", "images", "skipped_bad_images", "elapsed", "optimizer", "rng", "recipe")
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer.json``; a :class:`CheckpointError` naming the file when it is unreadable."""
+    path = Path(ckpt) / STATE_FILE
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint file {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is damaged (not valid JSON: {exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint file {path} is damaged (not a JSON object)")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint file {path} is damaged (it lacks {', '.join(missing)})")
+    return state
+
+
+def _check_tensor_file(path: Path) -> None:
+    """Open a safetensors file's header (which must cover the whole file); CheckpointError naming it if not."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except Exception as exc:  # safetensors reports a bad header or a short file with its own error type
+        raise CheckpointError(f"checkpoint file {path} is damaged ({exc})") from None
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first damaged file of a checkpoint folder.
+
+    Checks that ``trainer.json`` is a JSON object with the trainer's fields and that each
+    safetensors file has a readable header whose tensors cover the file exactly (a truncated or
+    overwritten file fails); it does not read the tensors themselves.
+    """
+    read_state(ckpt)
+    for name in (MODEL_FILE, OPTIM_FILE):
+        _check_tensor_file(Path(ckpt) / name)
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint folder is damaged (the message of :func:`verify_checkpoint`), or None if intact."""
+    try:
+        verify_checkpoint(ckpt)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def _pointer(root: Path) -> Path | None:
+    """The folder ``checkpoints/latest`` names, or None when the pointer is missing or unreadable."""
+    try:
+        name = (root / LATEST).read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        return None
+    return root / name
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders with all three files, oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and is_complete(p))
+
+
+def newest_intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that passes :func:`verify_checkpoint`, and the damaged newer ones with why.
+
+    The folder named by ``checkpoints/latest`` is preferred when it is intact (it is the newest
+    complete one a run wrote); otherwise the complete folders are tried from the newest down.
+    """
+    root = Path(run_dir) / CKPT_DIR
+    pointer = _pointer(root)
+    if pointer is not None and is_complete(pointer) and checkpoint_problem(pointer) is None:
+        newer = [p for p in complete_checkpoints(run_dir) if p.name > pointer.name]
+        if not newer:
+            return pointer, []
+    damaged: list[tuple[Path, str]] = []
+    for candidate in reversed(complete_checkpoints(run_dir)):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate, damaged
+        damaged.append((candidate, problem))
+    return None, damaged
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    root = run_dir / CKPT_DIR
-    pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if is_complete(candidate):
-            return candidate
-    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and is_complete(p))
-    return complete[-1] if complete else None
+    """The newest intact checkpoint folder of a run, or None (see :func:`newest_intact_checkpoint`)."""
+    return newest_intact_checkpoint(run_dir)[0]
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -251,23 +370,37 @@ def resolve_checkpoint(path: Path) -> Path:
     )
 
 
-def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(ckpt / MODEL_FILE))
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {ckpt / MODEL_FILE}: {exc}") from None
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except Exception as exc:  # safetensors' own error type for a damaged file
+        raise CheckpointError(f"checkpoint file {path} is damaged ({exc})") from None
+
+
+def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return _load_tensors(Path(ckpt) / MODEL_FILE)
 
 
 def load_checkpoint(
     ckpt: Path,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """(model state, optimizer state, rng tensors, trainer state) of a checkpoint folder."""
+    """(model state, optimizer state, rng tensors, trainer state) of a checkpoint folder.
+
+    A damaged file (unreadable JSON or safetensors, missing fields) is a :class:`CheckpointError`
+    naming it.
+    """
     model = load_model_state(ckpt)
-    try:
-        extra = load_file(str(ckpt / OPTIM_FILE))
-        state = json.loads((ckpt / STATE_FILE).read_text())
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {ckpt} is unreadable: {exc}") from None
+    extra = _load_tensors(Path(ckpt) / OPTIM_FILE)
+    state = read_state(ckpt)
     rng = {k: v for k, v in extra.items() if k.startswith("rng.")}
-    opt = join_optimizer_state({k: v for k, v in extra.items() if k.startswith("state.")}, state["optimizer"])
+    try:
+        opt = join_optimizer_state({k: v for k, v in extra.items() if k.startswith("state.")}, state["optimizer"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is damaged: its optimizer state does not read ({type(exc).__name__}: {exc})"
+        ) from None
+    if "rng.torch" not in rng:
+        raise CheckpointError(f"checkpoint file {Path(ckpt) / OPTIM_FILE} is damaged (it lacks the random state)")
     return model, opt, rng, state

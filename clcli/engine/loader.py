@@ -69,6 +69,13 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             yield [(i, sample_seed(self.seed, self.epoch, i)) for i in idx]
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """An unreadable image left out with ``data.skip_bad_images``: its sample index (``-1 - position`` on a stream)."""
+
+    index: int
+
+
 @dataclass
 class Sample:
     views: list[torch.Tensor]
@@ -84,7 +91,7 @@ def _augment(views: ViewMaker, image: torch.Tensor, seed: int) -> list[torch.Ten
 
 
 class ViewsDataset(Dataset):
-    """Map-style: (index, seed) -> the image's views, or None for a skipped bad image."""
+    """Map-style: (index, seed) -> the image's views, or :class:`Skipped` for a skipped bad image."""
 
     backend = "per_sample"
 
@@ -96,13 +103,13 @@ class ViewsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, item: tuple[int, int]) -> Sample | None:
+    def __getitem__(self, item: tuple[int, int]) -> Sample | Skipped:
         index, seed = item
         try:
             image = self.source.load_image(index)
         except BadImageError:
             if self.skip_bad_images:
-                return None
+                return Skipped(index)
             raise
         text = self.source.text(index) if self.with_text else None
         return Sample(_augment(self.views, image, seed), index, self.source.label(index), text)
@@ -114,7 +121,7 @@ class StreamViewsDataset(IterableDataset):
     def __init__(self, source: StreamSource, views: ViewMaker, seed: int, skip: int = 0, skip_bad_images: bool = False):
         self.source, self.views, self.seed, self.skip, self.skip_bad_images = source, views, seed, skip, skip_bad_images
 
-    def __iter__(self) -> Iterator[Sample | None]:
+    def __iter__(self) -> Iterator[Sample | Skipped]:
         info = torch.utils.data.get_worker_info()
         if info is not None and info.num_workers > 1:
             raise DataError(
@@ -126,7 +133,7 @@ class StreamViewsDataset(IterableDataset):
             image, label = record[0], record[1]
             if image is None:
                 if self.skip_bad_images:
-                    yield None
+                    yield Skipped(-1 - position)  # a stream is read once: each position is one file
                     continue
                 raise BadImageError(record[3])
             yield Sample(_augment(self.views, image, sample_seed(self.seed, 0, position)), -1, label, record[2])
@@ -137,22 +144,25 @@ class CollatedBatch:
     views: list[torch.Tensor]  # uint8 [B, C, H, W] per view
     index: torch.Tensor
     label: torch.Tensor
-    skipped: int
+    skipped: int  # unreadable images left out of this batch
     text: list[str | None] | None = None
     images: torch.Tensor | None = None  # batched views: uint8 [B, C, H, W], views made on the device
     seeds: torch.Tensor | None = None  # batched views: the samples' seeds, int64 [B]
+    skipped_index: tuple[int, ...] = ()  # their sample indices (-1 - position on a stream)
 
 
-def collate(samples: list[Sample | None]) -> CollatedBatch:
-    good = [s for s in samples if s is not None]
+def collate(samples: list[Sample | Skipped | None]) -> CollatedBatch:
+    good = [s for s in samples if isinstance(s, Sample)]
     skipped = len(samples) - len(good)
+    bad = tuple(s.index for s in samples if isinstance(s, Skipped))
     if not good:
-        return CollatedBatch([], torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped)
+        empty = torch.empty(0, dtype=torch.long)
+        return CollatedBatch([], empty, empty.clone(), skipped, None, bad)
     views = [torch.stack([s.views[v] for s in good]) for v in range(len(good[0].views))]
     index = torch.tensor([s.index for s in good], dtype=torch.long)
     label = torch.tensor([s.label for s in good], dtype=torch.long)
     text = [s.text for s in good] if any(s.text is not None for s in good) else None
-    return CollatedBatch(views, index, label, skipped, text)
+    return CollatedBatch(views, index, label, skipped, text, bad)
 
 
 def epoch_loader(

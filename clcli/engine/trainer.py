@@ -42,8 +42,9 @@ class TrainState:
     epoch: int = 0
     position: int = 0  # micro-batches already consumed in the current epoch
     images: int = 0
-    skipped_bad_images: int = 0
+    skipped_bad_images: int = 0  # reads of unreadable images (one per epoch per file)
     elapsed: float = 0.0
+    skipped_files: set[int] = field(default_factory=set)  # sample indices of the unreadable images
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -218,6 +219,7 @@ class Trainer:
             "position": s.position,
             "images": s.images,
             "skipped_bad_images": s.skipped_bad_images,
+            "skipped_bad_files": sorted(s.skipped_files),
             "elapsed": s.elapsed,
             "dataset_size": self.plan.dataset_size,
             "recipe_hash": self.recipe.digest(),
@@ -255,6 +257,7 @@ class Trainer:
             images=state["images"],
             skipped_bad_images=state["skipped_bad_images"],
             elapsed=state["elapsed"],
+            skipped_files=set(state.get("skipped_bad_files", [])),
         )
 
     # ---------------------------------------------------------------------------------- loop
@@ -330,6 +333,7 @@ class Trainer:
                 micro = 0
                 for cb in self._batches():
                     s.skipped_bad_images += cb.skipped
+                    s.skipped_files.update(cb.skipped_index)
                     if cb.index.numel() == 0:
                         s.position += 1
                         continue
@@ -455,7 +459,8 @@ class Trainer:
             "images": s.images,
             "final_loss": final_loss,
             "seconds": round(s.elapsed, 2),
-            "skipped_bad_images": s.skipped_bad_images,
+            "skipped_bad_images": len(s.skipped_files),  # files, each counted once
+            "skipped_bad_reads": s.skipped_bad_images,  # reads: a file is read once per epoch
             "views_backend": getattr(self.dataset, "backend", "per_sample"),
             "interrupted": interrupted,
             "checkpoint": str(ckpt.latest_checkpoint(self.run_dir)),

@@ -43,6 +43,7 @@ def make_online_knn(recipe: Recipe, device: torch.device) -> Callable[[Method], 
             temperature=recipe.eval.knn_temperature,
             num_classes=num_classes,
         )
-        return {"knn_top1": res["top1"]}
+        skipped = feats[0].skipped + feats[1].skipped
+        return {"knn_top1": res["top1"], **({"knn_skipped_images": skipped} if skipped else {})}
 
     return evaluate

@@ -13,9 +13,25 @@ from clcli.evaluate.features import FeatureSet, extract_features
 from clcli.evaluate.knn import knn_accuracy
 from clcli.evaluate.linear import linear_probe
 from clcli.evaluate.loader import Loaded, check_layer, load_model, open_split
-from clcli.evaluate.results import timestamp, write_result
+from clcli.evaluate.results import check_output, timestamp, write_result
 from clcli.methods.base import Method
 from clcli.recipe import Recipe
+
+
+def check_limits(train_limit: int | None, test_limit: int | None) -> None:
+    """Refuse a ``--train-limit`` or ``--test-limit`` below 1."""
+    for flag, value in (("--train-limit", train_limit), ("--test-limit", test_limit)):
+        if value is not None and value < 1:
+            raise ClcliError(f"{flag} must be at least 1 (the number of images to use), got {value}")
+
+
+def skipped_counts(train: FeatureSet, test: FeatureSet) -> dict[str, int]:
+    """How many unreadable image files each split left out (``data.skip_bad_images``), as results record it."""
+    return {
+        "skipped_images": train.skipped + test.skipped,
+        "skipped_train_images": train.skipped,
+        "skipped_test_images": test.skipped,
+    }
 
 
 def _split_features(
@@ -180,9 +196,15 @@ def knn_eval(
     """
     if features is not None:
         check_layer(features)
+    check_limits(train_limit, test_limit)
+    if k is not None and k < 1:
+        raise ClcliError(f"--k must be at least 1, got {k}")
+    check_output(output)  # an explicit --output before the model loads; the default one just after
     src = load_model(
         run_dir, checkpoint, data=data, needs_data=True, trust_torchscript=trust_torchscript, activation=activation
     )
+    out = src.default_output("knn", output)
+    check_output(out)
     k = k or src.recipe.eval.knn_k
     t = temperature or src.recipe.eval.knn_temperature
     train, test, num_classes, what = _split_features(
@@ -196,16 +218,18 @@ def knn_eval(
         "protocol": "knn",
         "top1": scores["top1"],
         "top5": scores["top5"],
-        "k": k,
+        "k": scores["k"],  # the neighbours that voted: min(k asked, reference images)
+        "k_requested": k,
         "temperature": t,
         **what,
         "feature_dim": int(train.features.shape[1]),
         "train_images": int(train.features.shape[0]),
         "test_images": int(test.features.shape[0]),
+        **skipped_counts(train, test),
         **src.describe(),
         "evaluated": timestamp(),
     }
-    return write_result(result, src.default_output("knn", output))
+    return write_result(result, out)
 
 
 def linear_eval(
@@ -230,9 +254,13 @@ def linear_eval(
     """
     if features is not None:
         check_layer(features)
+    check_limits(train_limit, test_limit)
+    check_output(output)  # an explicit --output before the model loads; the default one just after
     src = load_model(
         run_dir, checkpoint, data=data, needs_data=True, trust_torchscript=trust_torchscript, activation=activation
     )
+    out = src.default_output("linear", output)
+    check_output(out)
     recipe = src.recipe
     train, test, num_classes, what = _split_features(
         src, data, train_split, test_split, features, train_limit, test_limit, console, show_progress, allow_bank=False
@@ -252,8 +280,9 @@ def linear_eval(
     result = {
         **res,
         **what,
+        **skipped_counts(train, test),
         **src.describe(),
     }
     result["protocol"] = "linear"
     result["protocol_details"] = res.get("protocol")
-    return write_result(result, src.default_output("linear", output))
+    return write_result(result, out)

