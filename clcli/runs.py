@@ -43,6 +43,7 @@ RESUMABLE_CHANGES = {
     ("trainer", "deterministic"),
     ("trainer", "online_knn_every"),
     ("data", "num_workers"),
+    ("views", "backend"),  # where the views are made, not their distribution (and runs from before the field)
 }
 
 
