@@ -48,6 +48,7 @@ RESUMABLE_CHANGES = {
     ("data", "cache"),
     ("data", "cache_dir"),
     ("data", "cache_budget"),
+    ("views", "backend"),  # where the views are made, not their distribution (and runs from before the field)
 }
 
 

@@ -71,7 +71,7 @@ def test_pretrain_json_summary(pretrained):
     summary = json.loads(output)  # the whole of stdout is one JSON object
     assert set(summary) == {
         "run", "steps", "epochs", "images", "final_loss", "seconds", "skipped_bad_images", "skipped_bad_reads",
-        "interrupted", "checkpoint", "recipe", "method",
+        "interrupted", "checkpoint", "recipe", "method", "views_backend",
     }  # fmt: skip
     assert summary["run"] == str(run) and summary["recipe"] == "simclr" and summary["method"] == "simclr"
     # 3 steps of 32 images; 256 images make 8 steps an epoch, so no epoch is complete

@@ -405,7 +405,7 @@ def test_resume_with_queue_and_momentum_encoder_reproduces_the_loss_sequence_bit
 def test_a_few_steps_of_each_recipe_lower_the_loss_on_real_images(tmp_path, name):
     common = ["trainer.batch_size=32", "optim.schedule=constant", "optim.warmup_epochs=0"]
     if name == "moco-v3":  # one fixed batch of real images
-        recipe = v3_recipe(*common, "trainer.steps=15", "data.limit=32", "optim.lr=0.1", name=name)
+        recipe = v3_recipe(*common, "trainer.steps=20", "data.limit=32", "optim.lr=0.1", name=name)
     elif name == "moco-v3-vit":  # a ViT learns slowly from scratch: milder views, AdamW
         weak = [f"views.groups.{i}.{k}" for i in (0, 1) for k in ("jitter_p=0", "crop_scale=[0.8, 1.0]")]
         recipe = v3_recipe(*common, *weak, "trainer.steps=15", "data.limit=32", "optim.lr=3e-3", name=name)

@@ -15,6 +15,7 @@ from clcli.cli import app
 from clcli.data import ImageSource
 from clcli.data.base import MapStream
 from clcli.engine.batched_views import (
+    CPU_BACKEND,
     BatchedViewsDataset,
     collate_images,
     device_views,
@@ -235,7 +236,17 @@ def test_backend_choice(tmp_path):
     assert resolve_backend(auto, MapStream(_Source()), torch.device("cuda"))[0] == "per_sample"
     assert resolve_backend(auto, _Source(shapes=((12, 12), (10, 14))), torch.device("cuda"))[0] == "per_sample"
     assert resolve_backend(auto, _Source(), torch.device("cuda"))[0] == "batched"
+    assert resolve_backend(auto, _Source(), cpu)[0] == CPU_BACKEND == "batched"
     assert source_image_shape(_Source(shapes=((12, 12), (10, 14)))) is None
+
+
+def test_a_run_resumes_under_another_views_backend_and_from_before_the_field():
+    from clcli.runs import check_resumable
+
+    saved = load_recipe("simclr", ["views.backend=per_sample"]).to_dict()
+    check_resumable(saved, load_recipe("simclr", ["views.backend=batched"]))
+    del saved["views"]["backend"]
+    check_resumable(saved, load_recipe("simclr"))
 
 
 # ---------------------------------------------------------------------------------- errors

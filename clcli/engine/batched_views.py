@@ -32,8 +32,9 @@ __all__ = [
     "source_image_shape",
 ]
 
-# What ``views.backend=auto`` picks on the CPU (where the batched form applies); see resolve_backend.
-CPU_BACKEND = "per_sample"
+# What ``views.backend=auto`` picks on the CPU where the batched form applies (see resolve_backend): the
+# batched views cost a tenth or less of the per-sample pipelines' CPU time (bench/notes/views_cost.py).
+CPU_BACKEND = "batched"
 PROBE_IMAGES = 16
 
 
@@ -127,9 +128,9 @@ def resolve_backend(recipe: Recipe, source: Any, device: torch.device) -> tuple[
     """``(backend, why)``: the views back-end a run uses, ``per_sample`` or ``batched``.
 
     ``views.backend=batched`` refuses (RecipeError, DataError) where it cannot apply: a streamed source,
-    a view pipeline without a batched form, images of different sizes. ``auto`` takes the batched path on
-    CUDA where it applies and :data:`CPU_BACKEND` on the CPU, where the per-sample pipelines run in the
-    DataLoader beside the model step.
+    a view pipeline without a batched form, images of different sizes. ``auto`` takes the batched path
+    where it applies, on CUDA always and on the CPU when :data:`CPU_BACKEND` says so, and the per-sample
+    one elsewhere.
     """
     choice = recipe.views.backend
     if choice == "per_sample":
