@@ -128,15 +128,15 @@ def run_clcli(name: str, precision: str, args: argparse.Namespace, tmp: Path) ->
     model: list[float] = []
     pending = [0.0]
 
-    def timed_forward_backward(batch, live):  # type: ignore[no-untyped-def]
+    def timed_forward_backward(*args_, **kwargs):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
-        forward_backward(batch, live)
+        forward_backward(*args_, **kwargs)
         _sync(device)
         pending[0] += time.perf_counter() - start
 
-    def timed_optimizer_step(live):  # type: ignore[no-untyped-def]
+    def timed_optimizer_step(*args_, **kwargs):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
-        optimizer_step(live)
+        optimizer_step(*args_, **kwargs)
         _sync(device)
         now = time.perf_counter()
         model.append(pending[0] + now - start)
