@@ -128,15 +128,15 @@ def run_clcli(name: str, precision: str, args: argparse.Namespace, tmp: Path) ->
     model: list[float] = []
     pending = [0.0]
 
-    def timed_forward_backward(batch, live):  # type: ignore[no-untyped-def]
+    def timed_forward_backward(*args_, **kwargs):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
-        forward_backward(batch, live)
+        forward_backward(*args_, **kwargs)
         _sync(device)
         pending[0] += time.perf_counter() - start
 
-    def timed_optimizer_step(live):  # type: ignore[no-untyped-def]
+    def timed_optimizer_step(*args_, **kwargs):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
-        optimizer_step(live)
+        optimizer_step(*args_, **kwargs)
         _sync(device)
         now = time.perf_counter()
         model.append(pending[0] + now - start)
@@ -246,18 +246,23 @@ def peer(args: argparse.Namespace, console: Console) -> list[dict]:
 
 def peer_table(rows: list[dict]) -> str:
     """One line per method and precision: both sides' figures and the ratios clcli / lightly."""
-    by = {(r["method"], r["precision"], r["device"], r["impl"]): r for r in rows if r.get("impl")}
+    by = {(r["method"], r["batch"], r["precision"], r["device"], r["impl"]): r for r in rows if r.get("impl")}
     lines = [
-        "| method | precision | device | clcli img/s | lightly img/s | ratio | clcli step s | lightly step s "
+        "clcli/lightly ratios (above 1: clcli faster) from `bench/speed.py --peer`, the two implementations "
+        "interleaved on the same backbone module, batch, precision, views, threads and workers; clcli with its "
+        "defaults (`trainer.channels_last: auto`), lightly as its examples build it (PyTorch's default memory "
+        "format). Model step: forward, loss, backward, optimiser step, momentum update; img/s: end to end.",
+        "",
+        "| method | batch | precision | device | clcli img/s | lightly img/s | ratio | clcli step s | lightly step s "
         "| step speed ratio | what else differs | when |",
-        "|" + "---|" * 11,
+        "|" + "---|" * 12,
     ]
-    for (method, precision, device, impl), r in sorted(by.items()):
-        if impl != "clcli" or (method, precision, device, "lightly") not in by:
+    for (method, batch, precision, device, impl), r in sorted(by.items()):
+        if impl != "clcli" or (method, batch, precision, device, "lightly") not in by:
             continue
-        other = by[(method, precision, device, "lightly")]
+        other = by[(method, batch, precision, device, "lightly")]
         lines.append(
-            f"| {method} | {precision} | {device} | {r['images_per_s']:.1f} | {other['images_per_s']:.1f} "
+            f"| {method} | {batch} | {precision} | {device} | {r['images_per_s']:.1f} | {other['images_per_s']:.1f} "
             f"| {r['ratio_images_per_s']:.2f} | {r['model_step_s']:.2f} | {other['model_step_s']:.2f} "
             f"| {r['ratio_model_step']:.2f} | {other['differences']} | {r['when']} |"
         )

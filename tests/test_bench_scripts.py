@@ -213,7 +213,7 @@ def test_peer_speed_measures_clcli_and_lightly_side_by_side(tmp_path):
     ours, theirs = (next(r for r in rows if r["method"] == "simclr" and r["impl"] == i) for i in ("clcli", "lightly"))
     assert ours["ratio_images_per_s"] == pytest.approx(ours["images_per_s"] / theirs["images_per_s"], rel=0.01)
     table = (repo / "bench" / "results" / "peer.md").read_text()
-    assert table.count("| fp32 | cpu |") == 2
+    assert table.count("| 16 | fp32 | cpu |") == 2
 
 
 def _row(
