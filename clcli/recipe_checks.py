@@ -235,11 +235,9 @@ def views_problem(
     n = sum(g.count for g in recipe.views.groups)
     want = exactly if exactly is not None else at_least
     if (exactly is not None and n != exactly) or (at_least is not None and n < at_least):
-        rule = f"exactly {_WORDS.get(want, want)}" if exactly is not None else f"at least {_WORDS.get(want, want)}"
-        plural = "view" if want == 1 else "views"
-        return [
-            ("views.groups", why or f"{method} uses {rule} augmented {plural} per image; the groups' counts make {n}")
-        ]
+        word, plural = _WORDS.get(want, want), "view" if want == 1 else "views"
+        rule = f"uses exactly {word} augmented {plural}" if exactly is not None else f"needs at least {word} {plural}"
+        return [("views.groups", why or f"{method} {rule} per image; the groups' counts make {n}")]
     return []
 
 

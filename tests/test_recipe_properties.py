@@ -166,8 +166,11 @@ def _alarm(signum: int, frame: Any) -> None:
 def names_the_field(message: str, path: str, value: Any) -> bool:
     """Whether a refusal names the mutated field: its dotted path, its name, or (for a rule across
     fields that reports at the other field) the value given."""
-    keys = [k for k in path.split(".") if not k.isdigit()]
-    candidates = {path, keys[-1], ".".join(path.split(".")[:-1])}
+    parts = path.split(".")
+    keys = [k for k in parts if not k.isdigit()]
+    candidates = {path, keys[-1]}
+    if parts[-1].isdigit():  # an item: its list's path (a rule on the whole list, e.g. an ordered pair)
+        candidates.add(".".join(parts[:-1]))
     if isinstance(value, str | int | float) and not isinstance(value, bool) and str(value) not in ("", "0", "1"):
         candidates.add(str(value))
     return any(c and c in message for c in candidates)
