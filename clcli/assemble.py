@@ -15,14 +15,16 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from clcli import dist
 from clcli.data import ImageSource, StreamSource
 from clcli.data.sources import limit_source, open_data
 from clcli.engine import checkpoint as ckpt
 from clcli.engine.determinism import enable_determinism
 from clcli.engine.device import pick_device
+from clcli.engine.distributed import init_distributed, per_rank_batch
 from clcli.engine.loader import StreamViewsDataset, ViewsDataset
 from clcli.engine.trainer import Trainer
-from clcli.errors import DataError
+from clcli.errors import DataError, DistributedError
 from clcli.methods.base import BuildContext, Method
 from clcli.models.backbones import build_backbone
 from clcli.precision import resolve_precision, with_precision
@@ -85,10 +87,13 @@ def prepare_training(
     epochs (:func:`clcli.evaluate.online.make_online_knn` in :func:`clcli.train.pretrain`);
     without it the run has no online evaluation.
     """
-    console = console or Console(quiet=True)
+    info = init_distributed(pick_device(recipe.trainer.device))  # under torchrun: this rank's device
+    device = info.device
+    console = console if console is not None and info.is_main else Console(quiet=True)
+    if info.distributed:
+        check_distributable(recipe, info.world_size)
     out = Path(out)
     existing = claim_run_folder(out, resume=resume, overwrite=overwrite)
-    device = pick_device(recipe.trainer.device)
     precision, why = resolve_precision(recipe.trainer.precision, device)
     if why is not None:
         console.print(f"[yellow]note:[/] {why}")
@@ -125,7 +130,8 @@ def prepare_training(
     evaluator = None
     if recipe.trainer.online_knn_every and online_eval is not None:
         evaluator = online_eval(recipe, device)
-    out.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(
         recipe,
         method,
@@ -143,5 +149,22 @@ def prepare_training(
         console.print(f"resuming {out} from step {trainer.state.step} ({existing.name})")
     elif resume:
         console.print(f"no checkpoint in {out}: starting from step 0")
-    record_run(out, recipe, resumed_at=trainer.state.step if existing is not None else None)
+    if info.is_main:
+        record_run(out, recipe, resumed_at=trainer.state.step if existing is not None else None)
+    dist.barrier()
     return Stages(recipe, method, source, dataset, trainer)
+
+
+def check_distributable(recipe: Recipe, world_size: int) -> None:
+    """Refuse, before anything is built, what several processes cannot train."""
+    per_rank_batch(recipe.trainer.batch_size, world_size)
+    if recipe.data.streaming:
+        raise DistributedError(
+            "a streaming source is read by one process; several processes need a local or map-style dataset "
+            "(set data.streaming=false, or train in one process)"
+        )
+    if recipe.data.skip_bad_images:
+        raise DistributedError(
+            "data.skip_bad_images would leave the processes with batches of different sizes; with several "
+            "processes, remove the unreadable images or train in one process"
+        )

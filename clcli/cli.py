@@ -109,6 +109,7 @@ def pretrain(
     metrics.jsonl, recipe.yaml, provenance.json and checkpoints into the run folder. Ctrl-C saves a
     checkpoint and stops with exit code 130 (a second Ctrl-C stops at once); --resume continues it.
     """
+    from clcli.dist import is_main
     from clcli.errors import ClcliError
     from clcli.recipe import apply_overrides, load_recipe, validate_recipe
     from clcli.runs import read_run_recipe
@@ -142,6 +143,10 @@ def pretrain(
             console=console,
             show_progress=not (no_progress or as_json),
         )
+    if not is_main():
+        if summary.get("interrupted"):
+            raise typer.Exit(130)
+        return  # under torchrun the main process alone reports
     if summary.get("skipped_bad_images"):
         files, reads = summary["skipped_bad_images"], summary.get("skipped_bad_reads", 0)
         console.print(

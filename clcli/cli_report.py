@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -36,6 +37,8 @@ def user_errors(fn: F) -> F:
 
     A file-system ``OSError`` that no check caught first (a full disk, a permission, a path that
     vanished) is the user's too: one message naming the path, exit code 2.  Ctrl-C exits with 130.
+    Under a multi-process torchrun launch every command but ``pretrain`` refuses to run (it would
+    read and write once per process).
     """
 
     @functools.wraps(fn)
@@ -44,6 +47,10 @@ def user_errors(fn: F) -> F:
         from clcli.fsio import FILE_SYSTEM_ERRNOS, os_error
 
         try:
+            if fn.__name__ != "pretrain" and os.environ.get("WORLD_SIZE", "1") != "1":
+                from clcli.engine.distributed import refuse_multi_process
+
+                refuse_multi_process(f"clcli {fn.__name__.replace('_', ' ')}")
             return fn(*args, **kwargs)
         except ClcliError as exc:
             raise fail(str(exc)) from None

@@ -6,6 +6,8 @@ methods call these unconditionally and the same code runs under ``torchrun`` and
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as torch_dist
 
@@ -59,6 +61,20 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def local_share(x: torch.Tensor) -> torch.Tensor:
+    """This process's contiguous share along dim 0 of a tensor every process holds whole; all of it in one process.
+
+    For draws and buffers that are global (the same on every rank): rank r of W gets rows
+    r*n/W .. (r+1)*n/W - 1, the rows its part of the global batch would have had in one process.
+    """
+    if not is_distributed():
+        return x
+    world = world_size()
+    if x.shape[0] % world != 0:
+        raise ValueError(f"{x.shape[0]} rows do not split evenly over {world} processes")
+    return x.chunk(world)[rank()]
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Average ``x`` over processes (in place where distributed); identity in one process."""
     if is_distributed():
@@ -77,6 +93,15 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         torch_dist.broadcast(x, src)
     return x
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as process ``src`` has it (any picklable value); ``obj`` itself in one process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def barrier() -> None:

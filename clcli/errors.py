@@ -39,6 +39,10 @@ class TrainingError(ClcliError):
     """Training cannot go on (for example a non-finite loss)."""
 
 
+class DistributedError(ClcliError):
+    """The multi-process set-up is inconsistent (a half-set torchrun environment, a batch that does not split)."""
+
+
 class FileSystemError(ClcliError):
     """A file or folder cannot be read or written: missing, of the wrong kind, not permitted, or the disk is full."""
 

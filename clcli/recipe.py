@@ -151,6 +151,10 @@ class MethodConfig(StrictModel):
     """Base of every method's configuration; each method subclasses it with its own fields."""
 
     name: str = "simclr"
+    sync_batchnorm: bool = Field(
+        False,
+        description="with several processes, batch norm over the global batch (each method's default is its paper's)",
+    )
 
 
 # -------------------------------------------------------------------------------------- optim

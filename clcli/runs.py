@@ -8,6 +8,8 @@ run's method from the first and the latest (or a chosen) checkpoint with :func:`
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import platform
 import shutil
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-from clcli import __version__
+from clcli import __version__, dist
 from clcli.engine import checkpoint as ckpt
 from clcli.engine.determinism import determinism_state
 from clcli.engine.device import pick_device
@@ -70,6 +72,7 @@ def provenance(recipe: Recipe) -> dict[str, Any]:
         "determinism": determinism_state(),
         "command": sys.argv,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        **({"processes": dist.world_size()} if dist.is_distributed() else {}),
     }
 
 
@@ -78,18 +81,36 @@ def claim_run_folder(out: Path, *, resume: bool, overwrite: bool) -> Path | None
     """The checkpoint of ``out`` to resume from, or None to start afresh.
 
     A folder that already holds a run is refused unless ``resume`` (continue it) or ``overwrite``
-    (delete it first) is given.
+    (delete it first) is given.  Under torchrun every process decides the same: the main process
+    alone deletes, and the checkpoint it finds is the one every process resumes from.
     """
     out = Path(out)
-    existing = ckpt.latest_checkpoint(out) if out.exists() else None
-    if out.exists() and (out / "recipe.yaml").exists() and not resume:
-        if not overwrite:
-            raise ClcliError(
-                f"{out} already holds a run; use --resume to continue it, --overwrite to replace it, or another --out"
-            )
+    holds_run = out.exists() and (out / "recipe.yaml").exists()
+    if holds_run and not resume and not overwrite:
+        raise ClcliError(
+            f"{out} already holds a run; use --resume to continue it, --overwrite to replace it, or another --out"
+        )
+    dist.barrier()  # every process has looked before the main one deletes
+    if holds_run and not resume and dist.is_main():
         shutil.rmtree(out)
-        existing = None
-    return existing
+    found = ckpt.latest_checkpoint(out) if dist.is_main() and out.exists() else None
+    return _same_on_every_process(found)
+
+
+def _same_on_every_process(found: Path | None) -> Path | None:
+    """The main process's checkpoint choice, on every process (which must be able to read it)."""
+    if not dist.is_distributed():
+        return found
+    name = dist.broadcast_object(str(found) if found is not None else None)
+    if name is None:
+        return None
+    path = Path(name)
+    if not ckpt.is_complete(path):
+        raise CheckpointError(
+            f"process {dist.rank()} cannot read the checkpoint {path} that process 0 resumes from; the nodes "
+            "of a multi-node run need the run folder on a file system they share"
+        )
+    return path
 
 
 def record_run(out: Path, recipe: Recipe, *, resumed_at: int | None = None) -> None:
@@ -188,7 +209,13 @@ def _diff(a: Any, b: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
 
 
 def check_resumable(saved: dict[str, Any], current: Recipe) -> None:
-    """Refuse to resume a run with a recipe that changes the maths of a step."""
+    """Refuse to resume a run with a recipe that changes the maths of a step.
+
+    The saved recipe is first resolved under today's schema, so a field added since the run was saved
+    counts at its default instead of as a difference.
+    """
+    with contextlib.suppress(ClcliError):  # a recipe today's schema refuses is compared as it was saved
+        saved = validate_recipe(copy.deepcopy(saved)).to_dict()
     changed = [p for p in _diff(saved, current.to_dict()) if p[:2] not in RESUMABLE_CHANGES]
     if changed:
         names = ", ".join(".".join(p) for p in changed[:8])

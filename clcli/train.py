@@ -45,7 +45,7 @@ def pretrain(
         online_eval=make_online_knn,
     )
     if console is not None:
-        console.print(stages.trainer.schedule_table())
+        stages.trainer.console.print(stages.trainer.schedule_table())  # quiet on all but the main process
     summary = stages.trainer.fit()
     summary["recipe"] = recipe.name
     summary["method"] = recipe.method.name

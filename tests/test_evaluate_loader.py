@@ -23,7 +23,7 @@ from .helpers import tiny_recipe
 @pytest.fixture(scope="module")
 def simclr_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("loader") / "run"
-    pretrain(tiny_recipe("trainer.steps=1"), run)
+    pretrain(tiny_recipe("simclr", "trainer.steps=1"), run)
     return run
 
 

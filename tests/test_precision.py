@@ -72,7 +72,7 @@ def test_where_bf16_is_fast_the_recipe_keeps_it(tmp_path, monkeypatch):
 
 
 def test_with_precision_returns_a_validated_copy_and_leaves_the_recipe_alone():
-    recipe = tiny_recipe("trainer.precision=bf16")
+    recipe = tiny_recipe("simclr", "trainer.precision=bf16")
     changed = precision.with_precision(recipe, "fp32")
     assert changed.trainer.precision == "fp32" and recipe.trainer.precision == "bf16"
     assert changed.trainer is not recipe.trainer and changed.method is not recipe.method

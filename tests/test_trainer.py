@@ -12,7 +12,7 @@ import torch
 from clcli import precision
 from clcli.assemble import prepare_training
 from clcli.engine import checkpoint as ckpt
-from clcli.errors import ClcliError, TrainingError
+from clcli.errors import CheckpointError, ClcliError, TrainingError
 from clcli.methods.base import StepOutput
 from clcli.runs import load_run
 from clcli.train import pretrain
@@ -185,3 +185,18 @@ def test_a_users_cublas_setting_is_kept(tmp_path, restore_determinism, monkeypat
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     prepare_training(tiny_recipe("simclr", "trainer.deterministic=true"), tmp_path / "run")
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_a_run_saved_before_a_field_existed_still_resumes_and_evaluates(tmp_path):
+    """A field added to the schema later (here method.sync_batchnorm) counts at its default, so a run
+    folder written without it is neither refused on resume nor on evaluation."""
+    from clcli.runs import check_resumable
+
+    recipe = tiny_recipe("simclr")
+    saved = recipe.to_dict()
+    del saved["method"]["sync_batchnorm"]
+    check_resumable(saved, recipe)  # no CheckpointError
+    changed = recipe.to_dict()
+    changed["optim"]["lr"] = recipe.optim.lr * 2
+    with pytest.raises(CheckpointError):
+        check_resumable(changed, recipe)

@@ -149,36 +149,41 @@ def list_splits(spec: str) -> list[str]:
         return []
 
 
-class _Limited(ImageSource):
-    """The first ``limit`` records of a source."""
+class _Window(ImageSource):
+    """Records ``start .. stop - 1`` of a source, as records ``0 .. stop - start - 1``."""
 
-    def __init__(self, inner: ImageSource, limit: int) -> None:
+    def __init__(self, inner: ImageSource, start: int, stop: int) -> None:
         self.inner = inner
-        self.limit = min(limit, len(inner))
+        self.start, self.stop = start, max(start, min(stop, len(inner)))
         self.spec, self.split, self.classes = inner.spec, inner.split, inner.classes
 
     def __len__(self) -> int:
-        return self.limit
+        return self.stop - self.start
 
     def load_image(self, i: int) -> torch.Tensor:
-        return self.inner.load_image(i)
+        return self.inner.load_image(self.start + i)
 
     def label(self, i: int) -> int:
-        return self.inner.label(i)
+        return self.inner.label(self.start + i)
 
     def labels(self) -> torch.Tensor | None:
         labels = self.inner.labels()
-        return None if labels is None else labels[: self.limit]
+        return None if labels is None else labels[self.start : self.stop]
 
     def text(self, i: int) -> str | None:
-        return self.inner.text(i)
+        return self.inner.text(self.start + i)
 
     def describe(self, i: int) -> str:
-        return self.inner.describe(i)
+        return self.inner.describe(self.start + i)
 
 
 def limit_source(source: ImageSource, limit: int | None) -> ImageSource:
     """The first ``limit`` records of ``source``; ``source`` itself when ``limit`` is ``None`` or >= its length."""
     if limit is None or limit >= len(source):
         return source
-    return _Limited(source, limit)
+    return _Window(source, 0, limit)
+
+
+def window_source(source: ImageSource, start: int, stop: int) -> ImageSource:
+    """Records ``start .. stop - 1`` of ``source`` (one process's share of a pass over it)."""
+    return source if start == 0 and stop >= len(source) else _Window(source, start, stop)

@@ -9,15 +9,22 @@ Layout of a run folder::
 A checkpoint is written into a hidden temporary folder, flushed, and only then renamed into
 place; ``latest`` is replaced atomically after that.  A kill at any moment therefore leaves the
 previous checkpoint intact and ``latest`` pointing at a complete one.
+
+Every temporary carries its writer's host, pid and a random token, so two writers never share one,
+and the clean-up of stale temporaries removes only those whose writer is provably gone.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
+import re
+import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +56,77 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+# a temporary's name ends in -<host>-<pid>-<token>; checkpoint folders start with .tmp-<step name>
+_TEMP_TAIL = re.compile(r"-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})$")
+_LEGACY_CKPT_TEMP = re.compile(r"^\.tmp-step-\d+-(?P<pid>\d+)$")
+
+
+def temp_suffix() -> str:
+    """``<host>-<pid>-<random token>``: unique to one writer, and names the process that owns the file."""
+    return f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (owned by someone else) or unknowable: leave its files alone
+    return True
+
+
+def is_abandoned(temp: Path, keep: Path | None = None, own: bool = False) -> bool:
+    """Whether ``temp`` is a temporary whose writer is provably gone.
+
+    Only names this module made are judged: ``...-<host>-<pid>-<token>`` from this host whose pid
+    is no longer alive, and, with ``own``, this process's leftovers other than ``keep``.  Another
+    host's or another live process's temporaries, and names it cannot read, are never abandoned.
+    """
+    if keep is not None and temp == keep:
+        return False
+    match = _TEMP_TAIL.search(temp.name)
+    if match is not None:
+        if match["host"] != _HOST:
+            return False
+        pid = int(match["pid"])
+    else:
+        legacy = _LEGACY_CKPT_TEMP.match(temp.name)  # .tmp-step-XXXXXXXX-<pid> from earlier versions
+        if legacy is None:
+            return False
+        pid = int(legacy["pid"])
+    if pid == os.getpid():
+        return own
+    return not _pid_alive(pid)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` through a temporary of this writer's own, so concurrent writers never collide."""
+    prefix = f".{path.name}.tmp-"
+    tmp = path.with_name(prefix + temp_suffix())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     _fsync_dir(path.parent)
+    for stale in path.parent.glob(prefix + "*"):
+        if is_abandoned(stale):
+            _remove(stale)
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -124,9 +194,7 @@ def _write_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = root / f".tmp-{name}-{temp_suffix()}"
     tmp.mkdir()
     opt_tensors, opt_meta = split_optimizer_state(optimizer_state)
     rng_tensors, rng_meta = rng_state()
@@ -149,8 +217,8 @@ def _write_checkpoint(
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
-        if stale != tmp:
-            shutil.rmtree(stale, ignore_errors=True)
+        if is_abandoned(stale, keep=tmp, own=True):
+            _remove(stale)
     return final
 
 

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from clcli.data import ImageSource, StreamSource
+from clcli.engine.sharding import ShardedBatchSampler
 from clcli.errors import BadImageError, DataError
 from clcli.views import ViewMaker
 
@@ -169,13 +170,18 @@ def epoch_loader(
     num_workers: int,
     num_batches: int | None = None,
     order: torch.Tensor | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> DataLoader:
     """A DataLoader for one epoch from batch ``start``.
 
     It gets a generator of its own, so creating it (at an epoch start, or mid-epoch on resume) never
-    draws from the global RNG that methods use.
+    draws from the global RNG that methods use.  ``batch_size`` is the global batch; with ``shard``
+    = (rank, world size) this process loads its contiguous slice of each global batch
+    (:mod:`clcli.engine.sharding`), and ``start`` still counts global batches.
     """
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed, epoch, start, num_batches, order)
+    sampler: Sampler = EpochBatchSampler(len(dataset), batch_size, seed, epoch, start, num_batches, order)
+    if shard[1] > 1:
+        sampler = ShardedBatchSampler(sampler, *shard)
     return DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -21,7 +21,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from clcli import dist
 from clcli.engine import checkpoint as ckpt
+from clcli.engine.ddp import accumulating, any_rank, data_parallel, mean_over_ranks, share_main_state
 from clcli.engine.loader import CollatedBatch, ViewsDataset, epoch_loader, sample_seed, stream_loader
 from clcli.engine.optim import build_optimizer
 from clcli.errors import CheckpointError, TrainingError
@@ -146,14 +148,22 @@ class Trainer:
         self.plan = plan
         self.run_dir = Path(run_dir)
         self.device = device
-        self.console = console or Console(quiet=True)
-        self.show_progress = show_progress
+        self.is_main = dist.is_main()  # under torchrun only the main process prints, logs and writes
+        self.console = console if console is not None and self.is_main else Console(quiet=True)
+        self.show_progress = show_progress and self.is_main
         self.evaluator = evaluator
         self.stream_dataset_factory = stream_dataset_factory
         self.state = TrainState()
         if recipe.trainer.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(method.param_groups(), recipe.optim, plan.peak_lr)
+        # what a training step calls: the method, or DDP around it when several processes train
+        self.step_module = data_parallel(
+            self.method,
+            device,
+            sync_batchnorm=recipe.method.sync_batchnorm,
+            find_unused_parameters=method.ddp_find_unused_parameters,
+        )
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # ----------------------------------------------------------------------------- schedule
@@ -208,14 +218,19 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(
-            self.run_dir,
-            self.state.step,
-            self.method.state_dict(),
-            self.optimizer.state_dict(),
-            self._trainer_state(),
-            keep=self.recipe.trainer.keep_checkpoints,
-        )
+        """The main process writes the checkpoint; every process waits until it is complete."""
+        path = self.run_dir / ckpt.CKPT_DIR / f"step-{self.state.step:08d}"
+        if self.is_main:
+            path = ckpt.save_checkpoint(
+                self.run_dir,
+                self.state.step,
+                self.method.state_dict(),
+                self.optimizer.state_dict(),
+                self._trainer_state(),
+                keep=self.recipe.trainer.keep_checkpoints,
+            )
+        dist.barrier()
+        return path
 
     def restore(self, path: Path) -> None:
         model, opt, rng, state = ckpt.load_checkpoint(path)
@@ -248,12 +263,13 @@ class Trainer:
         return Batch(views, names, cb.index.to(self.device), cb.label.to(self.device), cb.text)
 
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         self.state.history.append(record)
 
     def _check_finite(self, bad: torch.Tensor) -> None:
-        if bool(bad):
+        if any_rank(bad):
             last = ckpt.latest_checkpoint(self.run_dir)
             hint = f"; the last good checkpoint is {last}" if last else ""
             raise TrainingError(
@@ -278,6 +294,7 @@ class Trainer:
             r.data.num_workers,
             num_batches=self.plan.batches_per_epoch,
             order=order,
+            shard=(dist.rank(), dist.world_size()),
         )
 
     def _progress_bar(self) -> _ProgressBar:
@@ -314,7 +331,7 @@ class Trainer:
                     batch = self._to_batch(cb)
                     if micro == 0:
                         live.lr = self._set_hyperparameters(s.step)
-                    self._forward_backward(batch, live)
+                    self._forward_backward(batch, live, last_micro_batch=micro + 1 == r.trainer.accumulate)
                     micro += 1
                     if micro < r.trainer.accumulate:
                         continue
@@ -322,6 +339,8 @@ class Trainer:
                     self._optimizer_step(live)
                     if stop_after is not None and s.step >= stop_after:
                         stop.requested = True
+                    if dist.is_distributed():
+                        stop.requested = any_rank(stop.requested)  # Ctrl-C reaches the ranks at different steps
                     epoch_done = self._end_epoch_if_done()
                     last_step = s.step >= plan.total_steps
                     due = last_step or stop.requested
@@ -353,27 +372,30 @@ class Trainer:
         # a method's epoch set-up can take minutes (filling a memory bank, k-means): say so
         bar.say(f"epoch {s.epoch + 1}: {self.recipe.method.name} epoch set-up")
         epoch_metrics = self.method.on_epoch_start(s.epoch, s.step)
+        share_main_state(self.method)
         if epoch_metrics:
             self._log({"step": s.step, "epoch": s.epoch, **epoch_metrics})
 
-    def _forward_backward(self, batch: Batch, live: _Interval) -> None:
+    def _forward_backward(self, batch: Batch, live: _Interval, last_micro_batch: bool = True) -> None:
         """One micro-batch: the method's loss under the run's precision, backward at 1/accumulate."""
         r, s = self.recipe, self.state
         acc = r.trainer.accumulate
         autocast_dtype = torch.bfloat16 if r.trainer.precision == "bf16" else None
-        with torch.autocast(
-            self.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-        ):
-            out = self.method.training_step(batch, s.step)
-        loss = out.loss
-        (loss / acc).backward()
+        # DDP averages the gradients in the last micro-batch's backward pass only
+        with accumulating(self.step_module, last_micro_batch):
+            with torch.autocast(
+                self.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            ):
+                out = self.step_module(batch, s.step)
+            loss = out.loss
+            (loss / acc).backward()
         detached = loss.detach().float()
         live.bad |= ~torch.isfinite(detached)
         live.loss += detached / acc
         live.metrics = out.metrics
         s.position += 1
-        live.images += batch.size
-        s.images += batch.size
+        live.images += batch.size * dist.world_size()  # the processes' batches are equal
+        s.images += batch.size * dist.world_size()
 
     def _optimizer_step(self, live: _Interval) -> None:
         """One optimiser step on the accumulated gradient, between the method's before/after hooks."""
@@ -402,10 +424,10 @@ class Trainer:
         self._check_finite(live.bad)
         now = time.perf_counter()
         rate = live.images / max(now - live.start, 1e-9)
-        live.last_loss = float(live.loss) / max(live.steps, 1)
+        live.last_loss = float(mean_over_ranks(live.loss)) / max(live.steps, 1)  # the global batch's loss
         record = {"step": s.step, "epoch": s.epoch, "loss": live.last_loss, "lr": live.lr, "images_per_s": rate}
         for k, v in live.metrics.items():
-            record[k] = float(v)
+            record[k] = float(mean_over_ranks(torch.as_tensor(v, device=self.device)))
         self._log(record)
         bar.say(f"loss {live.last_loss:.4f}  lr {live.lr:.3g}  {rate:.0f} img/s")
         live.restart(now)
@@ -436,6 +458,9 @@ class Trainer:
 
     def _online_eval(self) -> None:
         assert self.evaluator is not None
+        if not self.is_main:
+            dist.barrier()  # the main process evaluates (no collectives: BN in evaluation mode)
+            return
         self.method.eval()
         try:
             result = self.evaluator(self.method)
@@ -445,3 +470,4 @@ class Trainer:
         self.console.print(
             f"epoch {self.state.epoch}: online kNN " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
         )
+        dist.barrier()

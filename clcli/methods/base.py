@@ -115,6 +115,8 @@ class Method(nn.Module):
     needs_text: ClassVar[bool] = False  # the batch carries captions (CLIP)
     has_bank_features: ClassVar[bool] = False  # bank_features() gives the kNN reference set
     has_text_tower: ClassVar[bool] = False  # encode_image / encode_text / logit_scale_value (zero-shot)
+    # under torchrun: a step may leave trainable parameters without gradient (DDP must look for them)
+    ddp_find_unused_parameters: ClassVar[bool] = False
     paper: ClassVar[str] = ""
 
     backbone: nn.Module

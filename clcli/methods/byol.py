@@ -37,6 +37,7 @@ class BYOLConfig(MethodConfig):
     """
 
     name: str = "byol"
+    sync_batchnorm: bool = True  # the paper normalises over the global batch
     projector: list[int] = Field(default_factory=lambda: [4096, 256], min_length=1)
     predictor: list[int] = Field(default_factory=lambda: [4096, 256], min_length=1)
     head_norm: str = Field("bn", pattern="^(bn|ln|none)$", description="normalisation of the heads' hidden layers")

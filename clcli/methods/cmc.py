@@ -210,7 +210,8 @@ class CMC(Method):
         emb = self.view_embeddings(batch.views[0])
         all_index = dist.gather_no_grad(index)
         all_emb = [dist.gather_no_grad(e.detach()) for e in emb]
-        noise_index = self.banks[0].sample((index.shape[0], cfg.nce_k))  # one draw, used for every bank
+        # one draw for the global batch (this process keeps its rows), used for every bank
+        noise_index = dist.local_share(self.banks[0].sample((index.shape[0] * dist.world_size(), cfg.nce_k)))
         positives = [bank.get(index) for bank in self.banks]
         negatives = [bank.vectors[noise_index] for bank in self.banks]  # [B, K, D] gathered copies
         loss = torch.zeros((), device=index.device)

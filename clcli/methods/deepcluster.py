@@ -53,6 +53,8 @@ from rich.file_proxy import FileProxy
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from clcli import dist
+from clcli.data.sources import window_source
 from clcli.errors import RecipeError, TrainingError
 from clcli.losses import deepcluster_loss
 from clcli.methods.base import Batch, BuildContext, Method, StepOutput
@@ -255,19 +257,29 @@ class DeepCluster(Method):
         if under_live:
             print(f"deepcluster: computing features of {len(self._source)} images for k-means", file=sys.stderr)
         console = Console(stderr=True)
+        # under torchrun each process encodes its contiguous share and the shares are gathered in
+        # order, so every process clusters the same features a single process would
+        n, world, rank = len(self._source), dist.world_size(), dist.rank()
+        start, stop, share = rank * n // world, (rank + 1) * n // world, -(-n // world)
         feats, kept = encode_split(
             self,
             self.embed,
-            self._source,
+            window_source(self._source, start, stop),
             self._recipe,
             device=device,
             out_device=device,
             batch_size=self.cfg.cluster_batch_size,
-            show_progress=not under_live and console.is_terminal,
+            show_progress=not under_live and console.is_terminal and dist.is_main(),
             console=console,
             description="clustering features",
         )
-        return feats, kept.to(device)
+        kept = kept.to(device) + start
+        if world > 1:
+            pad = share - feats.shape[0]  # the last share may be shorter; padded rows carry index -1
+            feats = dist.gather_no_grad(F.pad(feats, (0, 0, 0, pad)))
+            kept = dist.gather_no_grad(F.pad(kept, (0, pad), value=-1))
+            feats, kept = feats[kept >= 0], kept[kept >= 0]
+        return feats, kept
 
     @torch.no_grad()
     def cluster(self, epoch: int) -> dict[str, float]:

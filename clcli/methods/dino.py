@@ -58,6 +58,7 @@ class DINOConfig(MethodConfig):
     """DINO's settings (paper values): head, temperatures, centring, teacher momentum, freezes."""
 
     name: str = "dino"
+    sync_batchnorm: bool = True  # the paper normalises over the global batch
     out_dim: int = Field(65536, ge=2, description="K, the head's output dimension")
     head_hidden: int = Field(2048, ge=1)
     head_bottleneck: int = Field(256, ge=1)

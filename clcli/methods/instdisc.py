@@ -106,7 +106,8 @@ class InstDisc(Method):
         positive = self.bank.get(index)
         metrics: dict[str, float | torch.Tensor] = {}
         if self.cfg.loss == "nce":
-            noise_index = self.bank.sample((index.shape[0], self.cfg.nce_k))
+            # drawn for the global batch, this process keeping its rows: the noise of one process's run
+            noise_index = dist.local_share(self.bank.sample((index.shape[0] * dist.world_size(), self.cfg.nce_k)))
             scores = torch.cat([(f * positive).sum(dim=1, keepdim=True), self._noise_scores(f, noise_index)], dim=1)
             # Z: the first mini-batch's Monte-Carlo estimate, then fixed (branch-free: no host sync)
             estimate = dist.all_reduce_mean(instdisc_nce_normaliser(scores.detach(), self.cfg.temperature, n))

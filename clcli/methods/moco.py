@@ -185,12 +185,18 @@ class MoCo(Method):
         super().__init__(cfg, ctx)
         self.cfg: MoCoConfig = cfg
         self.dataset_size = ctx.dataset_size
-        self.batch_size = ctx.recipe.trainer.batch_size
-        groups = max(1, cfg.bn_groups // dist.world_size())
-        if ctx.recipe.trainer.batch_size % groups != 0:
+        if cfg.sync_batchnorm:
             raise RecipeError(
-                f"shuffling BN splits each batch into {groups} groups: trainer.batch_size "
-                f"({ctx.recipe.trainer.batch_size}) must be a multiple of method.bn_groups ({cfg.bn_groups})"
+                "MoCo v1/v2 shuffle batch norm across groups (method.bn_groups) so that it cannot leak the "
+                "positive; method.sync_batchnorm=true would undo that: leave it false"
+            )
+        self.batch_size = ctx.recipe.trainer.batch_size // dist.world_size()  # this process's share
+        groups = max(1, cfg.bn_groups // dist.world_size())
+        if self.batch_size % groups != 0:
+            raise RecipeError(
+                f"shuffling BN splits each process's batch of {self.batch_size} into {groups} groups: "
+                f"trainer.batch_size ({ctx.recipe.trainer.batch_size}) must be a multiple of method.bn_groups "
+                f"({cfg.bn_groups})"
             )
         backbone = ctx.build_backbone()
         self.backbone = convert_split_batchnorm(backbone)

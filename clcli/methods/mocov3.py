@@ -33,6 +33,7 @@ class MoCoV3Config(MethodConfig):
     """MoCo v3's settings; the defaults are the ResNet-50 values (arXiv:2104.02057, official code)."""
 
     name: str = "mocov3"
+    sync_batchnorm: bool = True  # the paper normalises over the global batch
     projector: list[int] = Field(
         default_factory=lambda: [4096, 256],
         min_length=1,

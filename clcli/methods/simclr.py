@@ -22,6 +22,7 @@ class SimCLRConfig(MethodConfig):
     """SimCLR's settings: projector dims after the backbone, e.g. [2048, 128] (v1), and τ."""
 
     name: str = "simclr"
+    sync_batchnorm: bool = True  # the paper normalises over the global batch
     projector: list[int] = Field(default_factory=lambda: [2048, 128], min_length=1)
     projector_norm: str = Field("bn", pattern="^(bn|ln|none)$")
     temperature: float = Field(0.5, gt=0)

@@ -45,6 +45,7 @@ class SimSiamConfig(MethodConfig):
     """
 
     name: str = "simsiam"
+    sync_batchnorm: bool = True  # the paper normalises over the global batch
     projector: list[int] = Field(default_factory=lambda: [2048, 2048, 2048], min_length=1)
     predictor: list[int] = Field(default_factory=lambda: [512, 2048], min_length=1)
     stop_gradient: bool = Field(True, description="false only for the paper's collapse ablation")

@@ -54,6 +54,7 @@ class SwAVConfig(MethodConfig):
     """SwAV's settings (paper values): projector dims after the backbone, prototypes, Sinkhorn, queue."""
 
     name: str = "swav"
+    sync_batchnorm: bool = True  # the paper normalises over the global batch
     projector: list[int] = Field(
         default_factory=lambda: [2048, 128], min_length=1, description="MLP dims after the backbone: hidden..., out"
     )
@@ -109,11 +110,15 @@ class SwAV(Method):
         # embedding is still close to what it would compute now (see the module notes).
         self.freeze_steps = min(ctx.total_steps, ctx.first_epochs_to_steps(cfg.freeze_prototypes_epochs))
         self.queue_start_step = ctx.first_epochs_to_steps(cfg.queue_start_epoch)
-        per_process = cfg.queue_length // dist.world_size()
-        if cfg.queue_length and per_process < 1:
-            raise RecipeError(f"method.queue_length ({cfg.queue_length}) is shorter than the number of processes")
+        # every process keeps the whole queue (the gathered embeddings, identical on every rank, so a
+        # checkpoint holds all of it) and hands Sinkhorn its own share: the shares together are the
+        # queue of a one-process run, as the paper's per-GPU queues are
+        if cfg.queue_length % dist.world_size() != 0:
+            raise RecipeError(
+                f"method.queue_length ({cfg.queue_length}) must split evenly over the {dist.world_size()} processes"
+            )
         self.queues = nn.ModuleList(
-            FeatureQueue(per_process, dim, init="zeros") for _ in self.code_positions if per_process > 0
+            FeatureQueue(cfg.queue_length, dim, init="zeros") for _ in self.code_positions if cfg.queue_length > 0
         )
 
     # -- helpers --------------------------------------------------------------------------
@@ -161,12 +166,12 @@ class SwAV(Method):
             for c, s in enumerate(code_positions):
                 out = scores[s].detach()
                 if use_queue and self.queues[c].full:
-                    out = torch.cat([self._scores(self.queues[c].contents()), out], dim=0)
+                    out = torch.cat([self._scores(dist.local_share(self.queues[c].contents())), out], dim=0)
                     queue_used = True
                 q = sinkhorn(out, cfg.epsilon, cfg.sinkhorn_iterations, all_reduce=dist.all_reduce_sum)[-b:]
                 codes.append(q)
                 if use_queue:
-                    self.queues[c].enqueue(zv[s])
+                    self.queues[c].enqueue(dist.gather_no_grad(zv[s]))
             q_all = torch.stack(codes)  # [C, B, K]
             code_entropy = -(q_all * q_all.clamp_min(1e-12).log()).sum(-1).mean()
             hard = torch.bincount(q_all.argmax(-1).flatten(), minlength=cfg.num_prototypes).float()

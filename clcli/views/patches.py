@@ -71,10 +71,15 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(-3)
 
 
+def grayscale_patches(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """Luma on all three channels of the patches [P, 3, h, w] where ``apply`` [P] is True."""
+    return torch.lerp(x, _gray(x).expand_as(x), apply.view(-1, 1, 1, 1).to(x.dtype))  # weights 0/1: exact
+
+
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(dim=-3)
-    maxc, _ = x.max(dim=-3)
-    minc, _ = x.min(dim=-3)
+    maxc = x.amax(dim=-3)
+    minc = x.amin(dim=-3)
     chroma = maxc - minc
     s = chroma / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
     div = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
@@ -85,6 +90,10 @@ def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([h, s, maxc], dim=-3)
 
 
+# Which of (v, p, q, t) each of r, g, b takes in the six sectors of the hue circle (Smith 1978).
+_SECTOR_TABLE = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
+
+
 def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     h, s, v = x.unbind(dim=-3)
     h6 = h * 6.0
@@ -92,18 +101,9 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     f = h6 - i
     i = i.long() % 6
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = torch.stack(
-        [
-            torch.stack([v, t, p], dim=-3),
-            torch.stack([q, v, p], dim=-3),
-            torch.stack([p, v, t], dim=-3),
-            torch.stack([p, q, v], dim=-3),
-            torch.stack([t, p, v], dim=-3),
-            torch.stack([v, p, q], dim=-3),
-        ]
-    )  # [6, ..., 3, h, w]
-    index = i.unsqueeze(-3).expand_as(choices[0]).unsqueeze(0)
-    return choices.gather(0, index).squeeze(0)
+    values = torch.stack([v, p, q, t])  # [4, ..., h, w]
+    table = torch.tensor(_SECTOR_TABLE, device=x.device)
+    return values.gather(0, table[:, i]).movedim(0, -3)  # [..., 3, h, w]
 
 
 def _factors(n: int, strength: float, centre: float, low: float | None = None) -> torch.Tensor:
@@ -111,41 +111,64 @@ def _factors(n: int, strength: float, centre: float, low: float | None = None) -
     return torch.empty(n).uniform_(lo, centre + strength)
 
 
+def jitter_patches(
+    x: torch.Tensor,
+    apply: torch.Tensor,
+    brightness: torch.Tensor | None,
+    contrast: torch.Tensor | None,
+    saturation: torch.Tensor | None,
+    hue: torch.Tensor | None,
+) -> torch.Tensor:
+    """ColorJitter per patch with explicit factors [P] (``None``: op skipped), in the fixed order
+    brightness, contrast, saturation, hue, on float [P, 3, h, w] in [0, 1]; rows where ``apply`` is
+    False are unchanged."""
+    n = x.shape[0]
+    view = (n, 1, 1, 1)
+    chosen = apply.view(view).to(x.dtype)  # 0/1: a lerp with these weights selects exactly
+    out = x
+    if brightness is not None:
+        f = brightness.to(x).view(view)
+        out = torch.lerp(out, (out * f).clamp(0, 1), chosen)
+    if contrast is not None:
+        f = contrast.to(x).view(view)
+        mean = _gray(out).mean(dim=(-3, -2, -1), keepdim=True)
+        out = torch.lerp(out, (f * out + (1 - f) * mean).clamp(0, 1), chosen)
+    if saturation is not None:
+        f = saturation.to(x).view(view)
+        out = torch.lerp(out, (f * out + (1 - f) * _gray(out)).clamp(0, 1), chosen)
+    if hue is not None:
+        shift = hue.to(x).view(n, 1, 1)
+        hsv = _rgb_to_hsv(out)
+        hsv = torch.stack([torch.remainder(hsv[:, 0] + shift, 1.0), hsv[:, 1], hsv[:, 2]], dim=1)
+        out = torch.lerp(out, _hsv_to_rgb(hsv).clamp(0, 1), chosen)
+    return out
+
+
 def colour_jitter_patches(
     x: torch.Tensor, apply: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float
 ) -> torch.Tensor:
     """ColorJitter per patch on float [P, 3, h, w] in [0, 1]; rows where ``apply`` is False are unchanged."""
     n = x.shape[0]
-    view = (n, 1, 1, 1)
-    keep = ~apply.view(view)
-    out = x
-    if brightness > 0:
-        f = _factors(n, brightness, 1.0).view(view)
-        out = torch.where(keep, out, (out * f).clamp(0, 1))
-    if contrast > 0:
-        f = _factors(n, contrast, 1.0).view(view)
-        mean = _gray(out).mean(dim=(-3, -2, -1), keepdim=True)
-        out = torch.where(keep, out, (f * out + (1 - f) * mean).clamp(0, 1))
-    if saturation > 0:
-        f = _factors(n, saturation, 1.0).view(view)
-        out = torch.where(keep, out, (f * out + (1 - f) * _gray(out)).clamp(0, 1))
-    if hue > 0:
-        shift = torch.empty(n).uniform_(-hue, hue).view(n, 1, 1)
-        hsv = _rgb_to_hsv(out)
-        hsv = torch.stack([torch.remainder(hsv[:, 0] + shift, 1.0), hsv[:, 1], hsv[:, 2]], dim=1)
-        out = torch.where(keep, out, _hsv_to_rgb(hsv).clamp(0, 1))
-    return out
+    factors = [_factors(n, s, 1.0) if s > 0 else None for s in (brightness, contrast, saturation)]
+    shift = torch.empty(n).uniform_(-hue, hue) if hue > 0 else None
+    return jitter_patches(x, apply, *factors, shift)
+
+
+def colour_drop(x: torch.Tensor, apply: torch.Tensor, kept: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """In the patches where ``apply`` [P] is True keep channel ``kept`` [P]; the other two become
+    0.5 + ``noise`` (standard normal, like x) x the kept channel's standard deviation / 100."""
+    n = x.shape[0]
+    channel = torch.arange(3, device=x.device).view(1, 3)
+    dropped = (channel != kept.view(n, 1)) & apply.view(n, 1)  # [P, 3]
+    kept_std = x[torch.arange(n, device=x.device), kept].flatten(1).std(dim=1).view(n, 1, 1, 1)
+    filler = 0.5 + noise * kept_std / 100.0
+    return torch.where(dropped.view(n, 3, 1, 1), filler.clamp(0, 1), x)
 
 
 def _colour_drop(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     """Keep one random channel of the chosen patches; the other two become grey plus faint noise."""
-    n = x.shape[0]
-    kept = torch.randint(0, 3, (n,))
-    channel = torch.arange(3).view(1, 3)
-    dropped = (channel != kept.view(n, 1)) & apply.view(n, 1)  # [P, 3]
-    kept_std = x[torch.arange(n), kept].flatten(1).std(dim=1).view(n, 1, 1, 1)
-    filler = 0.5 + torch.randn_like(x) * kept_std / 100.0
-    return torch.where(dropped.view(n, 3, 1, 1), filler.clamp(0, 1), x)
+    kept = torch.randint(0, 3, (x.shape[0],))
+    return colour_drop(x, apply, kept, torch.randn_like(x))
 
 
 class CPCPatches:
@@ -189,8 +212,7 @@ class CPCPatches:
         if self.jitter_p > 0:
             x = colour_jitter_patches(x, torch.rand(n) < self.jitter_p, *self.strengths)
         if self.grayscale_p > 0:
-            gray = torch.rand(n).view(n, 1, 1, 1) < self.grayscale_p
-            x = torch.where(gray, _gray(x).expand_as(x), x)
+            x = grayscale_patches(x, torch.rand(n) < self.grayscale_p)
         if self.drop_p > 0:
             x = _colour_drop(x, torch.rand(n) < self.drop_p)
         return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
