@@ -146,6 +146,8 @@ def pretrain(
             show_progress=not (no_progress or as_json),
         )
     if not is_main():
+        if summary.get("interrupted"):
+            raise typer.Exit(130)
         return  # under torchrun the main process alone reports
     if summary.get("skipped_bad_images"):
         files, reads = summary["skipped_bad_images"], summary.get("skipped_bad_reads", 0)

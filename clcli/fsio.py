@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,7 +134,7 @@ def atomic_output(path: str | os.PathLike[str], what: str = "the output", exampl
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise os_error(exc, f"create the folder of {what}", path.parent) from None
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")  # unique to this writer
     try:
         yield tmp
         os.replace(tmp, path)

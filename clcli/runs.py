@@ -242,7 +242,7 @@ def load_run(
     """
     recipe = read_run_recipe(Path(run_dir))
     path = ckpt.resolve_checkpoint(Path(checkpoint)) if checkpoint else _newest_checkpoint(Path(run_dir))
-    state = ckpt.read_state(path)
+    state = ckpt.read_state(path, require=("step",))
     if state.get("recipe_hash") != recipe.digest():
         try:
             check_resumable(state.get("recipe", {}), recipe)

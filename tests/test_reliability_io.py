@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -246,9 +247,8 @@ def test_damaged_run_files_outside_checkpoints_are_named(run, tmp_path):
     assert ckpt.latest_checkpoint(broken) == broken / "checkpoints" / "step-00000004"
     broken = copy_of(run, tmp_path / "keys")
     state = broken / "checkpoints" / "step-00000004" / ckpt.STATE_FILE
-    state.write_text(json.dumps({"step": 4}))  # valid JSON without the trainer's fields
-    assert "lacks" in (ckpt.checkpoint_problem(state.parent) or "")
-    assert ckpt.latest_checkpoint(broken) == broken / "checkpoints" / "step-00000002"
+    state.write_text(json.dumps({"step": 4}))  # valid JSON without the trainer's fields: named on resume
+    assert_user_error(invoke("pretrain", "--resume", "--out", broken), str(state), "lacks", "epoch")
 
 
 # ------------------------------------------------------------------------------ Ctrl-C
@@ -284,3 +284,23 @@ def test_a_second_ctrl_c_stops_at_once_with_130(tmp_path, monkeypatch):
     res = invoke("pretrain", "--recipe", "simclr", "--out", out, "--no-progress", *tiny("trainer.steps=5"))
     assert res.exit_code == 130 and "interrupted" in res.output and "Traceback" not in res.output
     assert leftovers(out) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [(errno.EACCES, "permission denied"), (errno.EROFS, "read-only"), (errno.ENOSPC, "the disk is full")],
+)
+def test_a_folder_that_refuses_new_files_is_named_with_the_reason(tmp_path, monkeypatch, code, words):
+    import clcli.fsio
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, "refused")
+
+    monkeypatch.setattr(clcli.fsio.tempfile, "mkstemp", refuse)  # root passes permission checks: simulate
+    with pytest.raises(FileSystemError, match=f"run folder {re.escape(str(tmp_path / 'run'))}: .*{words}"):
+        clcli.fsio.check_output_folder(tmp_path / "run")
+    with pytest.raises(FileSystemError, match=words):
+        clcli.fsio.check_output_file(tmp_path / "out" / "r.json", "the result file")
+    res = invoke("pretrain", "--recipe", "simclr", "--out", tmp_path / "run", *tiny())
+    assert_user_error(res, words)
+    assert not (tmp_path / "run").exists()

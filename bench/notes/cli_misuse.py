@@ -112,6 +112,33 @@ def main() -> None:
     bad_prov = copy_run(run, tmp / "run-bad-prov")
     (bad_prov / "provenance.json").write_text("{")
 
+    clip = tmp / "clip"
+    clip_sets = [
+        a
+        for item in (
+            *TINY[:4],
+            "method.embed_dim=32",
+            "method.text_width=32",
+            "method.text_layers=1",
+            "method.text_heads=2",
+            "method.vocab_size=300",
+            "trainer.steps=2",
+            "trainer.batch_size=32",
+            "trainer.precision=fp32",
+            "data.limit=64",
+        )
+        for a in ("--set", item)
+    ]
+    proc = clcli("pretrain", "--recipe", "clip", "--out", str(clip), "--no-progress", *clip_sets)
+    if proc.returncode != 0:
+        sys.exit(f"could not train the tiny CLIP run:\n{proc.stderr}")
+    images = tmp / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (20, 20), (40 * i, 90, 200)).save(images / f"{i}.png")
+    zs = ["zeroshot", "--run", str(clip), "--labels", "cat,dog"]
     pre = ["pretrain", "--recipe", "simclr", "--no-progress"]
     knn = ["eval", "knn", "--run", str(run)]
     cases: dict[str, list[str]] = {
@@ -183,6 +210,24 @@ def main() -> None:
         ],  # fmt: skip
         # zeroshot
         "zeroshot non-CLIP run": ["zeroshot", "--run", str(run), "--labels", "a,b", "--images", str(adir)],
+        "zeroshot --output /proc/x": [*zs, "--images", str(images), "--output", "/proc/x/z.json"],
+        "zeroshot --output DIR": [*zs, "--images", str(images), "--output", str(adir)],
+        "zeroshot --output FILE/sub": [*zs, "--images", str(images), "--output", str(afile / "z.json")],
+        "zeroshot CLIP --images missing": [*zs, "--images", str(tmp / "nope")],
+        "zeroshot CLIP --images empty dir": [*zs, "--images", str(adir)],
+        "zeroshot --labels ''": ["zeroshot", "--run", str(clip), "--labels", "", "--images", str(images)],
+        "zeroshot --data ''": [*zs, "--data", ""],
+        "pretrain python: hook": [
+            "pretrain",
+            "--recipe",
+            "clip-lit",
+            "--out",
+            str(tmp / "o18"),
+            "--no-progress",
+            "--set",
+            "method.text_encoder=python:json",
+            *[a for x in (*TINY[:4], "trainer.steps=1") for a in ("--set", x)],
+        ],  # fmt: skip
         "zeroshot --images missing": ["zeroshot", "--run", str(run), "--labels", "a,b", "--images", str(tmp / "x")],
         "zeroshot --labels-file missing": ["zeroshot", "--run", str(run), "--labels-file", str(tmp / "x.txt")],
         "zeroshot no model": ["zeroshot", "--labels", "a,b"],

@@ -2,8 +2,9 @@
 
 One uninterrupted tiny SimCLR run (``clcli pretrain`` in a subprocess, a checkpoint every 2 steps, a
 metrics row every step) gives the reference loss of each step.  Each trial starts the same run in a
-fresh folder, sends SIGKILL after a random delay within the reference's wall time (seeded), then runs
-``clcli pretrain --resume`` until it exits 0.  A trial is *resumed* when that happens, and *identical*
+fresh folder, waits until it has logged a random number of steps (1 to 11 of 12, seeded), sends
+SIGKILL after a further random delay of up to one step's time, then runs ``clcli pretrain --resume``
+until it exits 0.  A trial is *resumed* when that happens, and *identical*
 when every loss row of its metrics file (rows logged before the kill and repeated after the resume
 included) equals the reference loss of its step, bit for bit.  Run from the repository root::
 
@@ -46,7 +47,8 @@ def command(out: Path, resume: bool) -> list[str]:
     args = ["pretrain", "--out", str(out), "--no-progress"]
     if resume:
         return [sys.executable, "-c", CODE, *args, "--resume"]
-    return [sys.executable, "-c", CODE, *args, "--recipe", "simclr", *[a for s in SETS for a in ("--set", s)]]
+    sets = [a for s in SETS for a in ("--set", s)]
+    return [sys.executable, "-c", CODE, *args, "--json", "--recipe", "simclr", *sets]
 
 
 def loss_rows(run: Path) -> tuple[list[tuple[int, float]], int]:
@@ -80,12 +82,15 @@ def main() -> None:
     if ref.returncode != 0:
         sys.exit(ref.stderr)
     reference = dict(loss_rows(tmp / "reference")[0])
-    print(f"reference: {len(reference)} steps in {wall:.1f} s", flush=True)
+    step_time = float(json.loads(ref.stdout[ref.stdout.index("{") :])["seconds"]) / len(reference)
+    print(f"reference: {len(reference)} steps in {wall:.1f} s ({step_time:.2f} s a step)", flush=True)
     results = []
     for trial in range(args.trials):
         out = tmp / f"trial-{trial}"
-        delay = rng.uniform(0.2 * wall, 0.95 * wall)
+        target, delay = rng.randint(1, len(reference) - 1), rng.uniform(0.0, step_time)
         proc = subprocess.Popen(command(out, False), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and len(loss_rows(out)[0]) < target:
+            time.sleep(0.02)
         time.sleep(delay)
         finished_first = proc.poll() is not None
         if not finished_first:
@@ -106,7 +111,8 @@ def main() -> None:
         left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if ".tmp" in p.name)
         row = {
             "trial": trial,
-            "kill_after_s": round(delay, 2),
+            "kill_after_step": target,
+            "then_s": round(delay, 3),
             "finished_before_kill": finished_first,
             "checkpoints_at_kill": ckpts,
             "temporaries_at_kill": temps,

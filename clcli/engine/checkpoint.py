@@ -261,8 +261,11 @@ def is_complete(path: Path) -> bool:
 _STATE_KEYS = ("step", "epoch", "position", "images", "skipped_bad_images", "elapsed", "optimizer", "rng", "recipe")
 
 
-def read_state(ckpt: Path) -> dict[str, Any]:
-    """A checkpoint's ``trainer.json``; a :class:`CheckpointError` naming the file when it is unreadable."""
+def read_state(ckpt: Path, require: tuple[str, ...] = _STATE_KEYS) -> dict[str, Any]:
+    """A checkpoint's ``trainer.json``; a :class:`CheckpointError` naming the file when it is unreadable.
+
+    ``require``: the fields it must hold (by default all a resume reads; evaluation needs ``step``).
+    """
     path = Path(ckpt) / STATE_FILE
     try:
         state = json.loads(path.read_bytes().decode("utf-8"))
@@ -274,7 +277,7 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint file {path} is damaged (not valid JSON: {exc})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint file {path} is damaged (not a JSON object)")
-    missing = [k for k in _STATE_KEYS if k not in state]
+    missing = [k for k in require if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint file {path} is damaged (it lacks {', '.join(missing)})")
     return state
@@ -294,11 +297,12 @@ def _check_tensor_file(path: Path) -> None:
 def verify_checkpoint(ckpt: Path) -> None:
     """Raise :class:`CheckpointError` naming the first damaged file of a checkpoint folder.
 
-    Checks that ``trainer.json`` is a JSON object with the trainer's fields and that each
-    safetensors file has a readable header whose tensors cover the file exactly (a truncated or
-    overwritten file fails); it does not read the tensors themselves.
+    Checks that ``trainer.json`` is a JSON object with a ``step`` and that each safetensors file
+    has a readable header whose tensors cover the file exactly (a truncated or overwritten file
+    fails); it does not read the tensors themselves.  (A resume then also needs the trainer's other
+    fields: :func:`load_checkpoint` names any that are missing.)
     """
-    read_state(ckpt)
+    read_state(ckpt, require=("step",))
     for name in (MODEL_FILE, OPTIM_FILE):
         _check_tensor_file(Path(ckpt) / name)
 
