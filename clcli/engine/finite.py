@@ -3,10 +3,12 @@
 A finite loss does not make a finite update (an enormous learning rate, an overflow in an
 optimiser's moments), so before each checkpoint the trainer checks every floating-point tensor
 the checkpoint would hold: the method's parameters and buffers (momentum teachers, queues,
-memory banks, centres, prototypes) and the optimiser's state.  The check is one fused pass per
-device and dtype, run only when a checkpoint is due (never per step): the largest absolute value
-of each tensor (``torch._foreach_norm`` with ``ord=inf``, which is nan for a tensor holding a nan
-and inf for one holding an inf), stacked, tested with one ``isfinite`` and read back once.
+memory banks, centres, prototypes) and the optimiser's state.  The check is fused per device and
+dtype and runs only when a checkpoint is due (never per step): per tensor, the largest absolute
+value (``torch._foreach_norm`` with ``ord=inf``: inf for a tensor holding an inf, and nan for one
+holding a nan where the kernel's max propagates nan, as on the CPU and CUDA) and the sum of
+absolute values (``ord=1``: nan exactly when the tensor holds a nan, whatever the max does), all
+stacked into one flag vector that is read back once.
 """
 
 from __future__ import annotations
@@ -22,13 +24,21 @@ from clcli.engine.ddp import any_rank
 from clcli.errors import CheckpointError, TrainingError
 
 
-def _largest_magnitudes(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """max |x| of each tensor (nan if it holds a nan), as one float32 vector on their device."""
+def _finite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One boolean per tensor, on their device: true when it holds neither nan nor inf.
+
+    max |x| is inf when an element is inf (and nan for a nan where max propagates nan); sum |x|
+    is nan exactly when an element is nan (it is never inf - inf, the terms being >= 0), so a
+    max that skips nans does not hide one, and a large but finite sum does not count.
+    """
     try:
-        norms = torch._foreach_norm(tensors, float("inf"))
+        largest = torch._foreach_norm(tensors, float("inf"))
+        total = torch._foreach_norm(tensors, 1)
     except (RuntimeError, NotImplementedError, TypeError):  # a dtype or device without the fused kernel
-        norms = [t.abs().amax() for t in tensors]
-    return torch.stack([n.float() for n in norms])
+        largest = [t.abs().amax() for t in tensors]
+        total = [t.abs().sum() for t in tensors]
+    largest_finite = torch.isfinite(torch.stack([n.float() for n in largest]))
+    return largest_finite & ~torch.isnan(torch.stack([n.float() for n in total]))
 
 
 def _checked(tensors: Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]:
@@ -51,7 +61,7 @@ def non_finite(tensors: Mapping[str, Any]) -> list[str]:
         groups.setdefault((value.device, value.dtype), []).append((name, value))
     bad: list[str] = []
     for items in groups.values():
-        finite = torch.isfinite(_largest_magnitudes([t for _, t in items]))
+        finite = _finite_flags([t for _, t in items])
         if not bool(finite.all()):
             bad += [name for (name, _), ok in zip(items, finite.tolist(), strict=True) if not ok]
     return bad
