@@ -156,6 +156,7 @@ def test_user_errors_of_embed_and_retrieval_are_one_message_and_exit_2(trained, 
         ([*emb, "--out", "/proc/clcli/e.parquet"], "/proc/clcli/e.parquet"),  # cannot be written
         ([*emb, "--out", tmp_path / "s.npy"], "s.json is a folder"),  # the sidecar of an npy file
         ([*emb, "--out", tmp_path / "e.csv", "--format", "csv"], "--format must be"),
+        ([*emb, *out, "--format", "npy"], "give --out F.npy"),
         ([*emb, *out, "--features", "bank"], "memory bank"),
         ([*emb, *out, "--features", "pixels"], "--features must be"),
         ([*emb, *out, "--limit", "0"], "--limit must be at least 1"),

@@ -37,11 +37,17 @@ EMBED_FORMATS = ("parquet", "npy")
 
 
 def embed_format(out: Path, fmt: str | None) -> str:
-    """The file format: ``fmt`` when given, else from ``out``'s suffix (``.npy``: npy, anything else: parquet)."""
+    """The file format: ``fmt`` when given, else from ``out``'s suffix (``.npy``: npy, anything else: parquet).
+
+    A ``.npy`` or ``.parquet`` suffix that contradicts ``fmt`` is refused.
+    """
+    suffix = Path(out).suffix.lower().lstrip(".")
     if fmt is None:
-        return "npy" if Path(out).suffix.lower() == ".npy" else "parquet"
+        return "npy" if suffix == "npy" else "parquet"
     if fmt not in EMBED_FORMATS:
         raise ClcliError(f"--format must be 'parquet' or 'npy', got {fmt!r}")
+    if suffix in EMBED_FORMATS and suffix != fmt:
+        raise ClcliError(f"--out {out} names a .{suffix} file but --format is {fmt}: give --out F.{fmt}")
     return fmt
 
 
@@ -72,7 +78,8 @@ def embed(
     ``run_dir`` is a run folder; or ``None`` with ``checkpoint`` a pretrained CLIP file and ``data``
     the images.  ``features``: ``backbone`` or ``embedding`` (default: the recipe's ``eval.features``;
     a memory bank is refused: it holds the training images' rows, not a model of new images).
-    ``limit``: the first N images only; ``batch_size``: images per forward pass (default: the
+    ``limit``: the first N images only (default: all; for the run's own training split ``data.limit``,
+    the reference set kNN votes with); ``batch_size``: images per forward pass (default: the
     recipe's ``eval.batch_size``).  The output paths are checked before the model loads; each file
     is replaced only once complete.  Returns a summary (what was embedded, where, how many rows).
     """
