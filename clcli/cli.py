@@ -169,7 +169,6 @@ def pretrain(
         )
     print_pretrain(summary, as_json, run_dir)
     if summary.get("interrupted"):
-        console.print(f"stopped at step {summary['steps']}; continue with: clcli pretrain --resume --out {run_dir}")
         raise typer.Exit(130)  # interrupted: the checkpoint is saved, the run is not finished
 
 

@@ -131,7 +131,7 @@ def next_commands(run_dir: Path) -> list[str]:
 
 
 def print_pretrain(summary: dict[str, Any], as_json: bool, run_dir: Path) -> None:
-    """A finished (or interrupted) run: where it ended, and, when finished, the commands to run next."""
+    """A finished or interrupted run: where it ended, then the commands to run next (or to continue it)."""
     if as_json:
         _json(summary)
         return
@@ -139,14 +139,15 @@ def print_pretrain(summary: dict[str, Any], as_json: bool, run_dir: Path) -> Non
     loss = summary.get("final_loss")
     ended = "stopped" if summary.get("interrupted") else "finished"
     line = (
-        f"{ended} {escape(str(summary.get('recipe', '')))}: step {summary['steps']} (epoch {summary['epochs']}, "
-        f"{summary['images']} images) in {summary['seconds']:.1f} s"
+        f"{escape(str(summary.get('recipe', 'run')))} {ended} at step {summary['steps']} (epoch {summary['epochs']}, "
+        f"{summary['images']} images) after {summary['seconds']:.1f} s"
     )
     if loss is not None and math.isfinite(loss):
         line += f", final loss {loss:.4f}"
     console.print(line)
     console.print(f"checkpoint: {escape(str(summary['checkpoint']))}")
     if summary.get("interrupted"):
+        console.print(f"continue with: clcli pretrain --resume --out {escape(shlex.quote(str(run_dir)))}")
         return
     console.print("next:")
     for command in next_commands(run_dir):
