@@ -85,3 +85,12 @@ OutputOpt = Annotated[
         "--output", help="Where to write the JSON result [default: RUN/eval/<protocol>.json; none for a file]."
     ),
 ]
+
+
+def command_group(help: str) -> typer.Typer:
+    """A group of ``clcli`` commands (``clcli eval ...``, ``clcli cache ...``) with the tool's help style.
+
+    Help is plain text (``rich_markup_mode=None``): rich markup would read ``[default: ...]`` in an
+    option's help as a style tag and drop it, and shows boolean flags as taking a ``<bool>`` value.
+    """
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None)

@@ -6,6 +6,7 @@ Python; :func:`clcli.assemble.prepare_training` builds the same stages without r
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from clcli.assemble import prepare_training
 from clcli.evaluate.online import make_online_knn
 from clcli.fsio import check_output_folder
 from clcli.recipe import Recipe
-from clcli.runs import check_run_files
+from clcli.runs import check_run_files, read_metrics
 
 
 def pretrain(
@@ -47,6 +48,9 @@ def pretrain(
     if console is not None:
         stages.trainer.console.print(stages.trainer.schedule_table())  # quiet on all but the main process
     summary = stages.trainer.fit()
+    if not math.isfinite(summary.get("final_loss", math.nan)):  # nothing trained now (a finished run resumed)
+        losses = [r["loss"] for r in read_metrics(out) if isinstance(r.get("loss"), int | float)]
+        summary["final_loss"] = losses[-1] if losses else None
     summary["recipe"] = recipe.name
     summary["method"] = recipe.method.name
     return summary

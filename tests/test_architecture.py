@@ -42,6 +42,8 @@ LAYERS = [
     ("clcli.cli_options", 5),
     ("clcli.cli_cache", 5),
     ("clcli.cli_report", 5),
+    ("clcli.cli_eval", 5),
+    ("clcli.cli_print", 5),
     ("clcli.__main__", 5),
 ]
 MAX_LINES = 500

@@ -477,7 +477,9 @@ class Trainer:
         finally:
             self.method.train()
         self._log({"step": self.state.step, "epoch": self.state.epoch, **{f"online_{k}": v for k, v in result.items()}})
+        top1, skipped = result.get("knn_top1", float("nan")), result.get("knn_skipped_images")
         self.console.print(
-            f"epoch {self.state.epoch}: online kNN " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+            f"epoch {self.state.epoch}: online kNN top-1 {top1:.4f}"
+            + (f" ({skipped:g} unreadable images skipped)" if skipped else "")
         )
         dist.barrier()
