@@ -34,6 +34,7 @@ from clcli.cli_options import (
     TrustOpt,
 )
 from clcli.cli_report import check_data_spec, command_console, emit, print_zeroshot, report_skipped, user_errors
+from clcli.cli_report_cmd import report
 
 app = typer.Typer(
     help=(
@@ -52,6 +53,7 @@ recipes_app = typer.Typer(help="List the built-in recipes or show one fully reso
 app.add_typer(eval_app, name="eval")
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(cache_app, name="cache")
+app.command("report")(report)
 
 
 # -------------------------------------------------------------------------------- pretrain
