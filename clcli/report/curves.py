@@ -49,7 +49,7 @@ def _epoch_axis(ax: Any, steps_per_epoch: int | None) -> None:
     """A top axis in epochs over the bottom axis in steps."""
     if steps_per_epoch:
         top = ax.secondary_xaxis("top", functions=(lambda s: s / steps_per_epoch, lambda e: e * steps_per_epoch))
-        top.set_xlabel("epoch")
+        top.set_xlabel("epoch", fontsize=8)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
 
@@ -100,7 +100,7 @@ def group_figure(plt: Any, run: RunCurves, folder: Path, group: str, title: str,
     for ax, key in zip(axes, keys, strict=True):
         steps, values = _series(run.records, key)
         ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, lw=1.4)
-        ax.set_title(key, fontsize=10)
+        ax.set_title(key, fontsize=10, pad=30)  # above the epoch axis
         _epoch_axis(ax, run.steps_per_epoch)
     fig.tight_layout()
     name = f"{group}.png"
