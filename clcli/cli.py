@@ -29,6 +29,7 @@ from clcli.cli_options import (
 )
 from clcli.cli_print import print_pretrain
 from clcli.cli_report import check_data_spec, command_console, emit, print_zeroshot, user_errors
+from clcli.cli_report_cmd import report
 
 app = typer.Typer(
     rich_markup_mode=None,  # plain help: see clcli.cli_options.command_group
@@ -45,6 +46,7 @@ recipes_app = command_group("List the built-in recipes or show one fully resolve
 app.add_typer(eval_app, name="eval")
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(cache_app, name="cache")
+app.command("report")(report)
 
 
 def _version(value: bool) -> None:

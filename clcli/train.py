@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from clcli.assemble import prepare_training
+from clcli.engine.loggers import check_loggers
 from clcli.evaluate.online import make_online_knn
 from clcli.fsio import check_output_folder
 from clcli.recipe import Recipe
@@ -34,6 +35,7 @@ def pretrain(
     (:func:`clcli.evaluate.online.make_online_knn`) every that many epochs.
     """
     check_output_folder(out)  # before the data is read and the model built
+    check_loggers(recipe.trainer)
     if resume:
         check_run_files(out)
     stages = prepare_training(

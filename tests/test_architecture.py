@@ -36,6 +36,7 @@ LAYERS = [
     ("clcli.runs", 3),
     ("clcli.engine", 3),
     ("clcli.evaluate", 4),
+    ("clcli.report", 4),
     ("clcli.export", 4),
     ("clcli.train", 4),
     ("clcli.cli", 5),
@@ -44,6 +45,7 @@ LAYERS = [
     ("clcli.cli_report", 5),
     ("clcli.cli_eval", 5),
     ("clcli.cli_print", 5),
+    ("clcli.cli_report_cmd", 5),
     ("clcli.__main__", 5),
 ]
 MAX_LINES = 500

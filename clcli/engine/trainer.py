@@ -27,6 +27,7 @@ from clcli.engine.batched_views import device_views
 from clcli.engine.compiled import compile_networks
 from clcli.engine.ddp import accumulating, any_rank, data_parallel, mean_over_ranks, share_main_state
 from clcli.engine.loader import CollatedBatch, ViewsDataset, epoch_loader, sample_seed, stream_loader
+from clcli.engine.loggers import RunLoggers, open_loggers
 from clcli.engine.optim import build_optimizer, set_update_kernels
 from clcli.errors import CheckpointError, TrainingError
 from clcli.methods.base import Batch, Method
@@ -82,6 +83,7 @@ class _Interval:
     images: int = 0
     lr: float = float("nan")  # the scheduled learning rate of the current step
     metrics: dict[str, Any] = field(default_factory=dict)  # the method's metrics of the last micro-batch
+    health: dict[str, torch.Tensor] = field(default_factory=dict)  # what Method.health reads at a record
     last_loss: float = float("nan")  # the loss of the last record
 
     @classmethod
@@ -171,6 +173,7 @@ class Trainer:
             find_unused_parameters=method.ddp_find_unused_parameters,
         )
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.loggers = RunLoggers()  # TensorBoard / W&B (clcli.engine.loggers), opened by fit
 
     # ----------------------------------------------------------------------------- schedule
     def _set_hyperparameters(self, step: int) -> float:
@@ -275,6 +278,7 @@ class Trainer:
         if self.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        self.loggers.log(record)
         self.state.history.append(record)
 
     def _check_finite(self, bad: torch.Tensor) -> None:
@@ -327,7 +331,8 @@ class Trainer:
         live = _Interval.starting(self.device)
         interrupted = False
         run_start = time.perf_counter() - s.elapsed
-        with _StopFlag() as stop, self._progress_bar() as bar:
+        self.loggers = open_loggers(r, self.run_dir, start_step=s.step, enabled=self.is_main, console=self.console)
+        with _StopFlag() as stop, self._progress_bar() as bar, self.loggers:
             while s.step < plan.total_steps and not interrupted:
                 self._start_epoch(bar)
                 micro = 0
@@ -401,7 +406,7 @@ class Trainer:
         detached = loss.detach().float()
         live.bad |= ~torch.isfinite(detached)
         live.loss += detached / acc
-        live.metrics = out.metrics
+        live.metrics, live.health = out.metrics, out.health
         s.position += 1
         live.images += batch.size * dist.world_size()  # the processes' batches are equal
         s.images += batch.size * dist.world_size()
@@ -435,7 +440,8 @@ class Trainer:
         rate = live.images / max(now - live.start, 1e-9)
         live.last_loss = float(mean_over_ranks(live.loss)) / max(live.steps, 1)  # the global batch's loss
         record = {"step": s.step, "epoch": s.epoch, "loss": live.last_loss, "lr": live.lr, "images_per_s": rate}
-        for k, v in live.metrics.items():
+        record["weight_decay"] = max(g["weight_decay"] for g in self.optimizer.param_groups)
+        for k, v in {**live.metrics, **self.method.health(live.health)}.items():
             record[k] = float(mean_over_ranks(torch.as_tensor(v, device=self.device)))
         self._log(record)
         bar.say(f"loss {live.last_loss:.4f}  lr {live.lr:.3g}  {rate:.0f} img/s")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from clcli.errors import CheckpointError, ClcliError
+from clcli.methods.health import collapse_measures
 from clcli.recipe import MethodConfig, Recipe, validate_recipe
 from clcli.schedules import steps_for_epochs
 
@@ -45,8 +46,16 @@ class Batch:
 
 @dataclass
 class StepOutput:
+    """What a training step gives the trainer.
+
+    ``metrics``: numbers or detached scalar tensors, logged as they are; ``health``: detached
+    tensors (``embedding``: [B, D], or a method's own) kept until the trainer writes a record,
+    when :meth:`Method.health` turns them into numbers; no step computes or waits for them.
+    """
+
     loss: torch.Tensor
     metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    health: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,6 +163,15 @@ class Method(nn.Module):
     def schedule_summary(self) -> dict[str, str]:
         """The method's resolved schedules, printed at the start of a run."""
         return {}
+
+    def health(self, saved: dict[str, torch.Tensor]) -> dict[str, float | torch.Tensor]:
+        """Health measures of the last step, from the tensors it kept in :attr:`StepOutput.health`.
+
+        Called only when the trainer writes a record (every ``trainer.log_every`` steps).  The
+        default gives the collapse measures of ``saved["embedding"]`` (its standard deviation and
+        effective rank, :mod:`clcli.methods.health`); a method adds its own by extending it.
+        """
+        return collapse_measures(saved["embedding"]) if "embedding" in saved else {}
 
     # -- evaluation and export ------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:

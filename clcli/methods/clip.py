@@ -341,7 +341,7 @@ class CLIP(Method):
         text = dist.gather_with_grad(text) if text.requires_grad else dist.gather_no_grad(text)
         loss = clip_contrastive(image, text, self.logit_scale, self.cfg.max_logit_scale)
         scale = self.logit_scale.detach().exp().clamp(max=self.cfg.max_logit_scale)
-        return StepOutput(loss, {"logit_scale": scale})
+        return StepOutput(loss, {"logit_scale": scale}, health={"embedding": image.detach()})
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
