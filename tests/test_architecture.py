@@ -37,11 +37,15 @@ LAYERS = [
     ("clcli.engine", 3),
     ("clcli.evaluate", 4),
     ("clcli.export", 4),
+    ("clcli.export_formats", 4),
+    ("clcli.export_card", 4),
+    ("clcli.importers", 4),
     ("clcli.train", 4),
     ("clcli.cli", 5),
     ("clcli.cli_options", 5),
     ("clcli.cli_cache", 5),
     ("clcli.cli_report", 5),
+    ("clcli.cli_io", 5),
     ("clcli.__main__", 5),
 ]
 MAX_LINES = 500
