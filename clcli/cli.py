@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from clcli.cli_cache import cache_app
+from clcli.cli_io import FromOpt, TrustPickleOpt
+from clcli.cli_io import register as register_io
 from clcli.cli_options import (
     ActivationOpt,
     AllowCodeOpt,
@@ -52,6 +54,7 @@ recipes_app = typer.Typer(help="List the built-in recipes or show one fully reso
 app.add_typer(eval_app, name="eval")
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(cache_app, name="cache")
+register_io(app)
 
 
 # -------------------------------------------------------------------------------- pretrain
@@ -170,6 +173,8 @@ def eval_knn(
     checkpoint: EvalCkptOpt = None,
     trust_torchscript: TrustOpt = False,
     activation: ActivationOpt = "quick_gelu",
+    import_from: FromOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     data: DataOpt = None,
     train_split: TrainSplitOpt = None,
     test_split: TestSplitOpt = None,
@@ -209,6 +214,8 @@ def eval_knn(
             checkpoint=checkpoint,
             trust_torchscript=trust_torchscript,
             activation=activation,
+            layout=import_from,
+            trust_pickle=trust_pickle,
             data=data,
             train_split=train_split,
             test_split=test_split,
@@ -243,6 +250,8 @@ def eval_linear(
     checkpoint: EvalCkptOpt = None,
     trust_torchscript: TrustOpt = False,
     activation: ActivationOpt = "quick_gelu",
+    import_from: FromOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     data: DataOpt = None,
     train_split: TrainSplitOpt = None,
     test_split: TestSplitOpt = None,
@@ -269,6 +278,8 @@ def eval_linear(
             checkpoint=checkpoint,
             trust_torchscript=trust_torchscript,
             activation=activation,
+            layout=import_from,
+            trust_pickle=trust_pickle,
             data=data,
             train_split=train_split,
             test_split=test_split,
