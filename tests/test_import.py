@@ -367,3 +367,12 @@ def test_eval_reads_a_published_checkpoint_and_an_imported_file(resnet18, tmp_pa
         app, ["eval", "knn", "--checkpoint", str(src), "--from", "swav", "--features", "embedding", *common]
     )
     assert res.exit_code == 2 and "backbone only" in res.output
+
+
+def test_import_help_names_every_layout():
+    res = runner.invoke(app, ["import", "--help"])
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    for layout in LAYOUTS:
+        assert layout in text
+    assert "--trust-pickle" in text and "--branch" in text
