@@ -202,6 +202,11 @@ class Method(nn.Module):
         return None
 
     @classmethod
+    def check_external(cls, cfg: Any) -> None:
+        """Refuse, before any data is read, what the method would load from outside the recipe and is not
+        allowed or not there (e.g. code a ``python:`` hook names); the default has nothing to check."""
+
+    @classmethod
     def rebuild_encoder(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> nn.Module:
         """The exported composite encoder rebuilt from its tensors and metadata (methods that export one)."""
         raise CheckpointError(f"the {meta.get('method', cls.__name__)} method does not export a composite encoder")

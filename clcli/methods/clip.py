@@ -163,6 +163,14 @@ class CLIP(Method):
     has_text_tower = True
     paper = "arXiv:2103.00020"
 
+    @classmethod
+    def check_external(cls, cfg: Any) -> None:
+        """A locked text tower's folder is found (and a ``python:`` hook allowed to import) before the data."""
+        if cfg.text_tower == "hf" and cfg.text_encoder:
+            from clcli.text.hf import resolve_encoder_path
+
+            resolve_encoder_path(cfg.text_encoder)
+
     def __init__(self, cfg: CLIPConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)
         self.cfg: CLIPConfig = cfg
