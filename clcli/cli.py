@@ -17,6 +17,7 @@ from rich.table import Table
 
 from clcli.cli_cache import cache_app
 from clcli.cli_eval import embed, eval_app
+from clcli.cli_io import register as register_io
 from clcli.cli_options import (
     ActivationOpt,
     AllowCodeOpt,
@@ -47,6 +48,7 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(cache_app, name="cache")
 app.command("report")(report)
+register_io(app)
 
 
 def _version(value: bool) -> None:
@@ -286,16 +288,27 @@ def zeroshot(
 @user_errors
 def export(
     run: RunOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The file to write, e.g. backbone.safetensors.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="The file to write, e.g. backbone.safetensors (a folder for --format hf)."),
+    ],
     checkpoint: CkptOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="Export format (safetensors).")] = "safetensors",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="safetensors, torchscript (a traced archive), onnx (dynamic batch axis; needs clcli[onnx]) or hf "
+            "(a folder: config.json, model.safetensors and a model card).",
+        ),
+    ] = "safetensors",
     allow_code: AllowCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write the run's encoder as safetensors with its recipe and input normalisation as metadata.
+    """Write the run's encoder as safetensors with its recipe and input normalisation as metadata,
+    or as TorchScript, ONNX or a Hugging Face model folder (--format).
 
-    Load it back with `clcli.load_backbone(path)`; a torchvision ResNet file also loads with
-    load_state_dict(strict=True) into the torchvision model built the same way (see the README).
+    Load a safetensors file or an hf folder back with `clcli.load_backbone(path)`; a torchvision ResNet
+    file also loads with load_state_dict(strict=True) into the torchvision model built the same way.
     """
     from clcli.export import export_run
     from clcli.trust import allowing_code

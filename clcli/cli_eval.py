@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from clcli.cli_io import FromOpt, TrustPickleOpt
 from clcli.cli_options import (
     ActivationOpt,
     AllowCodeOpt,
@@ -39,6 +40,8 @@ def eval_knn(
     checkpoint: EvalCkptOpt = None,
     trust_torchscript: TrustOpt = False,
     activation: ActivationOpt = "quick_gelu",
+    import_from: FromOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     data: DataOpt = None,
     train_split: TrainSplitOpt = None,
     test_split: TestSplitOpt = None,
@@ -78,6 +81,8 @@ def eval_knn(
             checkpoint=checkpoint,
             trust_torchscript=trust_torchscript,
             activation=activation,
+            layout=import_from,
+            trust_pickle=trust_pickle,
             data=data,
             train_split=train_split,
             test_split=test_split,
@@ -100,6 +105,8 @@ def eval_linear(
     checkpoint: EvalCkptOpt = None,
     trust_torchscript: TrustOpt = False,
     activation: ActivationOpt = "quick_gelu",
+    import_from: FromOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     data: DataOpt = None,
     train_split: TrainSplitOpt = None,
     test_split: TestSplitOpt = None,
@@ -126,6 +133,8 @@ def eval_linear(
             checkpoint=checkpoint,
             trust_torchscript=trust_torchscript,
             activation=activation,
+            layout=import_from,
+            trust_pickle=trust_pickle,
             data=data,
             train_split=train_split,
             test_split=test_split,

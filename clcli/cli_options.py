@@ -21,8 +21,9 @@ EvalCkptOpt = Annotated[
     Path | None,
     typer.Option(
         "--checkpoint",
-        help="With --run: a checkpoint folder of the run [default: its latest]. Without --run: a pretrained CLIP "
-        "checkpoint file in the OpenAI / open_clip layout, whose image tower is evaluated on --data.",
+        help="With --run: a checkpoint folder of the run [default: its latest]. Without --run: a file written by "
+        "clcli export or clcli import, a published checkpoint with --from LAYOUT, or a pretrained CLIP checkpoint "
+        "file in the OpenAI / open_clip layout (its image tower), evaluated on --data.",
     ),
 ]
 TrustOpt = Annotated[

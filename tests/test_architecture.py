@@ -38,6 +38,9 @@ LAYERS = [
     ("clcli.evaluate", 4),
     ("clcli.report", 4),
     ("clcli.export", 4),
+    ("clcli.export_formats", 4),
+    ("clcli.export_card", 4),
+    ("clcli.importers", 4),
     ("clcli.train", 4),
     ("clcli.cli", 5),
     ("clcli.cli_options", 5),
@@ -46,6 +49,7 @@ LAYERS = [
     ("clcli.cli_eval", 5),
     ("clcli.cli_print", 5),
     ("clcli.cli_report_cmd", 5),
+    ("clcli.cli_io", 5),
     ("clcli.__main__", 5),
 ]
 MAX_LINES = 500
