@@ -35,6 +35,10 @@ def _third_party_imports() -> set[str]:
     return {m for m in found if m != "clcli" and m not in sys.stdlib_module_names}
 
 
+# import name -> distribution, for optional packages that need not be installed here
+KNOWN_DISTRIBUTIONS = {"umap": "umap-learn"}
+
+
 def test_every_imported_package_is_declared():
     declared = _names(PROJECT["dependencies"]) | {
         n for extra in PROJECT["optional-dependencies"].values() for n in _names(extra)
@@ -42,7 +46,7 @@ def test_every_imported_package_is_declared():
     dists = packages_distributions()
     missing = {}
     for module in sorted(_third_party_imports()):
-        names = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
+        names = {d.lower().replace("_", "-") for d in dists.get(module, [KNOWN_DISTRIBUTIONS.get(module, module)])}
         if not names & declared:
             missing[module] = sorted(names)
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
