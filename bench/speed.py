@@ -108,13 +108,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timing(marks: list[float], model: list[float], args: argparse.Namespace) -> dict:
+def _clocks() -> tuple[float, float]:
+    """(wall clock, this process's CPU time): the second is what --clock cpu reads."""
+    return time.perf_counter(), time.process_time()
+
+
+def _timing(marks: list[tuple[float, float]], model: list[tuple[float, float]], args: argparse.Namespace) -> dict:
     """End-to-end images/s between the end of the last warm-up step and the end of the last step, and
-    the mean model-step seconds of the timed steps."""
-    w = args.warmup
+    the mean model-step seconds of the timed steps, by the clock ``--clock`` names.
+
+    ``cpu`` counts the CPU time of this process (all its threads): on a machine shared with other work it
+    moves far less than the wall clock, and with ``--workers 0`` it holds all the work of a step (data
+    reading and views included), so its ratios compare the work each implementation does per image.
+    """
+    w, c = args.warmup, 1 if args.clock == "cpu" else 0
     return {
-        "images_per_s": args.steps * args.batch / (marks[w + args.steps - 1] - marks[w - 1]),
-        "model_step_s": statistics.mean(model[w : w + args.steps]),
+        "images_per_s": args.steps * args.batch / (marks[w + args.steps - 1][c] - marks[w - 1][c]),
+        "model_step_s": statistics.mean(m[c] for m in model[w : w + args.steps]),
     }
 
 
@@ -124,23 +134,25 @@ def run_clcli(name: str, precision: str, args: argparse.Namespace, tmp: Path) ->
     stages = prepare_training(recipe, tmp, show_progress=False)
     trainer, device = stages.trainer, stages.trainer.device
     forward_backward, optimizer_step = trainer._forward_backward, trainer._optimizer_step
-    marks: list[float] = []
-    model: list[float] = []
-    pending = [0.0]
+    marks: list[tuple[float, float]] = []
+    model: list[tuple[float, float]] = []
+    pending = [0.0, 0.0]
 
     def timed_forward_backward(*args_, **kwargs):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
+        start = _clocks()
         forward_backward(*args_, **kwargs)
         _sync(device)
-        pending[0] += time.perf_counter() - start
+        end = _clocks()
+        pending[0] += end[0] - start[0]
+        pending[1] += end[1] - start[1]
 
     def timed_optimizer_step(*args_, **kwargs):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
+        start = _clocks()
         optimizer_step(*args_, **kwargs)
         _sync(device)
-        now = time.perf_counter()
-        model.append(pending[0] + now - start)
-        pending[0] = 0.0
+        now = _clocks()
+        model.append((pending[0] + now[0] - start[0], pending[1] + now[1] - start[1]))
+        pending[:] = [0.0, 0.0]
         marks.append(now)
 
     trainer._forward_backward = timed_forward_backward  # type: ignore[method-assign]
@@ -170,17 +182,17 @@ def run_lightly(name: str, recipe: Recipe, device: torch.device, args: argparse.
         generator=torch.Generator().manual_seed(recipe.seed),
     )
     autocast = recipe.trainer.precision == "bf16"
-    marks: list[float] = []
-    model: list[float] = []
+    marks: list[tuple[float, float]] = []
+    model: list[tuple[float, float]] = []
     for step, (views, _) in enumerate(loader):
         if step >= total:
             break
         views = [v.to(device, non_blocking=True) for v in views]
-        start = time.perf_counter()
+        start = _clocks()
         peer.train_step(views, step, autocast)
         _sync(device)
-        now = time.perf_counter()
-        model.append(now - start)
+        now = _clocks()
+        model.append((now[0] - start[0], now[1] - start[1]))
         marks.append(now)
     return _timing(marks, model, args)
 
@@ -235,6 +247,7 @@ def peer(args: argparse.Namespace, console: Console) -> list[dict]:
                         "ratio_model_step": round(ratio_step, 3),
                         "steps_timed": args.steps,
                         "warmup_steps": args.warmup,
+                        "clock": args.clock,
                         "rounds": args.rounds,
                         "workers": args.workers,
                         "differences": DIFFERENCES[name] if impl == "lightly" else "",
@@ -246,23 +259,29 @@ def peer(args: argparse.Namespace, console: Console) -> list[dict]:
 
 def peer_table(rows: list[dict]) -> str:
     """One line per method and precision: both sides' figures and the ratios clcli / lightly."""
-    by = {(r["method"], r["batch"], r["precision"], r["device"], r["impl"]): r for r in rows if r.get("impl")}
+    by = {
+        (r["method"], r["batch"], r["precision"], r["device"], r.get("clock", "wall"), r["impl"]): r
+        for r in rows
+        if r.get("impl")
+    }
     lines = [
         "clcli/lightly ratios (above 1: clcli faster) from `bench/speed.py --peer`, the two implementations "
         "interleaved on the same backbone module, batch, precision, views, threads and workers; clcli with its "
         "defaults (`trainer.channels_last: auto`), lightly as its examples build it (PyTorch's default memory "
-        "format). Model step: forward, loss, backward, optimiser step, momentum update; img/s: end to end.",
+        "format). Model step: forward, loss, backward, optimiser step, momentum update; img/s: end to end. Clock: "
+        "wall, or cpu (the process's CPU time, with the data read in the process: work per image).",
         "",
-        "| method | batch | precision | device | clcli img/s | lightly img/s | ratio | clcli step s | lightly step s "
-        "| step speed ratio | what else differs | when |",
-        "|" + "---|" * 12,
+        "| method | batch | precision | device | clock | clcli img/s | lightly img/s | ratio | clcli step s "
+        "| lightly step s | step speed ratio | what else differs | when |",
+        "|" + "---|" * 13,
     ]
-    for (method, batch, precision, device, impl), r in sorted(by.items()):
-        if impl != "clcli" or (method, batch, precision, device, "lightly") not in by:
+    for (method, batch, precision, device, clock, impl), r in sorted(by.items()):
+        if impl != "clcli" or (method, batch, precision, device, clock, "lightly") not in by:
             continue
-        other = by[(method, batch, precision, device, "lightly")]
+        other = by[(method, batch, precision, device, clock, "lightly")]
         lines.append(
-            f"| {method} | {batch} | {precision} | {device} | {r['images_per_s']:.1f} | {other['images_per_s']:.1f} "
+            f"| {method} | {batch} | {precision} | {device} | {clock} | {r['images_per_s']:.1f} "
+            f"| {other['images_per_s']:.1f} "
             f"| {r['ratio_images_per_s']:.2f} | {r['model_step_s']:.2f} | {other['model_step_s']:.2f} "
             f"| {r['ratio_model_step']:.2f} | {other['differences']} | {r['when']} |"
         )
@@ -283,6 +302,13 @@ def main() -> None:
     p.add_argument("--set", action="append")
     p.add_argument("--peer", action="store_true", help="side by side with lightly's implementation")
     p.add_argument("--rounds", type=int, default=2, help="--peer: interleaved rounds (clcli, lightly) per method")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="--peer: time by the wall clock or by this process's CPU time (steadier on a shared machine; "
+        "use with --workers 0 so that the data work is counted)",
+    )
     args = p.parse_args()
     console = Console(stderr=True)
     if args.peer:
@@ -292,7 +318,7 @@ def main() -> None:
     for row in rows:
         console.print(json.dumps({k: row.get(k) for k in ("method", "impl", "batch", "precision", "images_per_s")}))
     key = ("method", "backbone", "batch", "precision", "device", "overrides")  # CPU and GPU rows side by side
-    merged = merge_results(RESULTS / "speed.json", rows, (*key, "impl", "recipe_hash"))
+    merged = merge_results(RESULTS / "speed.json", rows, (*key, "impl", "recipe_hash", "clock"))
     cols = [*key, "impl", "views_per_image", "images_per_s", "when"]
     ordered = sorted(merged, key=lambda r: (r["method"], r["device"], r["precision"], r.get("impl") or ""))
     (RESULTS / "speed.md").write_text(markdown_table(ordered, cols))

@@ -108,6 +108,7 @@ def prepare_training(
     console = console if console is not None and info.is_main else Console(quiet=True)
     if info.distributed:
         check_distributable(recipe, info.world_size)
+    METHODS.get(recipe.method.name).check_external(recipe.method)
     out = Path(out)
     existing = claim_run_folder(out, resume=resume, overwrite=overwrite)
     precision, why = resolve_precision(recipe.trainer.precision, device)

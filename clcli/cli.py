@@ -16,26 +16,24 @@ from rich.console import Console
 from rich.table import Table
 
 from clcli.cli_cache import cache_app
+from clcli.cli_eval import embed, eval_app
+from clcli.cli_io import register as register_io
 from clcli.cli_options import (
     ActivationOpt,
     AllowCodeOpt,
     CkptOpt,
-    DataOpt,
-    EvalCkptOpt,
-    EvalRunOpt,
-    FeaturesOpt,
     JsonOpt,
     OutputOpt,
     RunOpt,
-    TestLimitOpt,
-    TestSplitOpt,
-    TrainLimitOpt,
-    TrainSplitOpt,
     TrustOpt,
+    command_group,
 )
-from clcli.cli_report import check_data_spec, command_console, emit, print_zeroshot, report_skipped, user_errors
+from clcli.cli_print import print_pretrain
+from clcli.cli_report import check_data_spec, command_console, emit, print_zeroshot, user_errors
+from clcli.cli_report_cmd import report
 
 app = typer.Typer(
+    rich_markup_mode=None,  # plain help: see clcli.cli_options.command_group
     help=(
         "Contrastive and self-supervised representation learning.\n\n"
         "Train an encoder with a recipe (clcli pretrain --recipe simclr), measure it (clcli eval knn), "
@@ -45,13 +43,30 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-eval_app = typer.Typer(
-    help="Evaluate a trained run: weighted kNN or a linear probe on frozen features.", no_args_is_help=True
-)
-recipes_app = typer.Typer(help="List the built-in recipes or show one fully resolved.", no_args_is_help=True)
+recipes_app = command_group("List the built-in recipes or show one fully resolved.")
 app.add_typer(eval_app, name="eval")
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(cache_app, name="cache")
+app.command("report")(report)
+register_io(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from clcli import __version__
+
+        typer.echo(f"clcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version of clcli and exit."),
+    ] = None,
+) -> None:
+    pass
 
 
 # -------------------------------------------------------------------------------- pretrain
@@ -156,133 +171,9 @@ def pretrain(
             + (f" ({reads} reads over the epochs)" if reads != files else "")
             + "[/]"
         )
-    emit(summary, as_json, "run")
+    print_pretrain(summary, as_json, run_dir)
     if summary.get("interrupted"):
-        console.print(f"stopped at step {summary['steps']}; continue with: clcli pretrain --resume --out {run_dir}")
         raise typer.Exit(130)  # interrupted: the checkpoint is saved, the run is not finished
-
-
-# ------------------------------------------------------------------------------------ eval
-@eval_app.command("knn")
-@user_errors
-def eval_knn(
-    run: EvalRunOpt = None,
-    checkpoint: EvalCkptOpt = None,
-    trust_torchscript: TrustOpt = False,
-    activation: ActivationOpt = "quick_gelu",
-    data: DataOpt = None,
-    train_split: TrainSplitOpt = None,
-    test_split: TestSplitOpt = None,
-    k: Annotated[
-        int | None, typer.Option("--k", min=1, help="Neighbours that vote [default: the recipe's eval.knn_k].")
-    ] = None,
-    temperature: Annotated[
-        float | None,
-        typer.Option(
-            "--temperature",
-            min=1e-6,
-            help="Vote weight exp(similarity / T) [default: the recipe's eval.knn_temperature].",
-        ),
-    ] = None,
-    features: FeaturesOpt = None,
-    train_limit: TrainLimitOpt = None,
-    test_limit: TestLimitOpt = None,
-    output: OutputOpt = None,
-    allow_code: AllowCodeOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Weighted k-nearest-neighbour accuracy of a run's frozen features (top-1 and top-5).
-
-    Features are L2-normalised; each test image's k most similar reference images vote with weight
-    exp(s/T). The JSON result records k, T, the feature layer, the splits and the checkpoint.
-
-    A pretrained CLIP file needs no run: `clcli eval knn --checkpoint ViT-B-32.safetensors --data DIR`
-    evaluates its image tower (images resized as CLIP was trained: bicubic, OpenAI's mean and std).
-    """
-    from clcli.evaluate.protocols import knn_eval
-    from clcli.trust import allowing_code
-
-    check_data_spec(data)
-    with allowing_code(allow_code):
-        result = knn_eval(
-            run,
-            checkpoint=checkpoint,
-            trust_torchscript=trust_torchscript,
-            activation=activation,
-            data=data,
-            train_split=train_split,
-            test_split=test_split,
-            k=k,
-            temperature=temperature,
-            features=features,
-            train_limit=train_limit,
-            test_limit=test_limit,
-            output=output,
-            console=command_console(as_json),
-            show_progress=not as_json,
-        )
-    if not as_json:
-        console = Console()
-        report_skipped(result, Console(stderr=True))
-        if result["k"] < result["k_requested"]:
-            console.print(
-                f"[yellow]only {result['train_images']} reference images: kNN votes with k={result['k']} "
-                f"(asked {result['k_requested']})[/]"
-            )
-        console.print(
-            f"kNN (k={result['k']}, T={result['temperature']}, {result['features']} features): "
-            f"top-1 [bold]{result['top1']:.4f}[/]  top-5 {result['top5']:.4f}"
-        )
-    emit(result, as_json, "knn")
-
-
-@eval_app.command("linear")
-@user_errors
-def eval_linear(
-    run: EvalRunOpt = None,
-    checkpoint: EvalCkptOpt = None,
-    trust_torchscript: TrustOpt = False,
-    activation: ActivationOpt = "quick_gelu",
-    data: DataOpt = None,
-    train_split: TrainSplitOpt = None,
-    test_split: TestSplitOpt = None,
-    features: FeaturesOpt = None,
-    train_limit: TrainLimitOpt = None,
-    test_limit: TestLimitOpt = None,
-    output: OutputOpt = None,
-    allow_code: AllowCodeOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Linear probe: logistic regression (L-BFGS) on frozen, pre-extracted features.
-
-    The L2 strength is chosen from the recipe's eval.linear_l2 on a held-out part of the training
-    split, then the classifier is refit on the whole split and scored on the test split.
-    Like `eval knn`, it also takes a pretrained CLIP file: --checkpoint FILE --data SPEC.
-    """
-    from clcli.evaluate.protocols import linear_eval
-    from clcli.trust import allowing_code
-
-    check_data_spec(data)
-    with allowing_code(allow_code):
-        result = linear_eval(
-            run,
-            checkpoint=checkpoint,
-            trust_torchscript=trust_torchscript,
-            activation=activation,
-            data=data,
-            train_split=train_split,
-            test_split=test_split,
-            features=features,
-            train_limit=train_limit,
-            test_limit=test_limit,
-            output=output,
-            console=command_console(as_json),
-            show_progress=not as_json,
-        )
-    if not as_json:
-        report_skipped(result, Console(stderr=True))
-        Console().print(f"linear probe: top-1 [bold]{result['top1']:.4f}[/]")
-    emit(result, as_json, "linear probe")
 
 
 # -------------------------------------------------------------------------------- zeroshot
@@ -397,16 +288,27 @@ def zeroshot(
 @user_errors
 def export(
     run: RunOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The file to write, e.g. backbone.safetensors.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="The file to write, e.g. backbone.safetensors (a folder for --format hf)."),
+    ],
     checkpoint: CkptOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="Export format (safetensors).")] = "safetensors",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="safetensors, torchscript (a traced archive), onnx (dynamic batch axis; needs clcli[onnx]) or hf "
+            "(a folder: config.json, model.safetensors and a model card).",
+        ),
+    ] = "safetensors",
     allow_code: AllowCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write the run's encoder as safetensors with its recipe and input normalisation as metadata.
+    """Write the run's encoder as safetensors with its recipe and input normalisation as metadata,
+    or as TorchScript, ONNX or a Hugging Face model folder (--format).
 
-    Load it back with `clcli.load_backbone(path)`; a torchvision ResNet file also loads with
-    load_state_dict(strict=True) into the torchvision model built the same way (see the README).
+    Load a safetensors file or an hf folder back with `clcli.load_backbone(path)`; a torchvision ResNet
+    file also loads with load_state_dict(strict=True) into the torchvision model built the same way.
     """
     from clcli.export import export_run
     from clcli.trust import allowing_code
@@ -457,6 +359,9 @@ def recipes_show(
         typer.echo(json.dumps(recipe.to_dict(), indent=2))
     else:
         typer.echo(recipe.to_yaml())
+
+
+app.command("embed")(embed)
 
 
 def main() -> None:

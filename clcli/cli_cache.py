@@ -10,11 +10,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from clcli.cli_options import JsonOpt
+from clcli.cli_options import JsonOpt, command_group
 
-cache_app = typer.Typer(
-    help="The decoded training images kept between runs (data.cache): list the entries, remove stale ones.",
-    no_args_is_help=True,
+cache_app = command_group(
+    "The decoded training images kept between runs (data.cache): list the entries, remove stale ones."
 )
 DirOpt = Annotated[
     str | None,

@@ -21,8 +21,9 @@ EvalCkptOpt = Annotated[
     Path | None,
     typer.Option(
         "--checkpoint",
-        help="With --run: a checkpoint folder of the run [default: its latest]. Without --run: a pretrained CLIP "
-        "checkpoint file in the OpenAI / open_clip layout, whose image tower is evaluated on --data.",
+        help="With --run: a checkpoint folder of the run [default: its latest]. Without --run: a file written by "
+        "clcli export or clcli import, a published checkpoint with --from LAYOUT, or a pretrained CLIP checkpoint "
+        "file in the OpenAI / open_clip layout (its image tower), evaluated on --data.",
     ),
 ]
 TrustOpt = Annotated[
@@ -85,3 +86,12 @@ OutputOpt = Annotated[
         "--output", help="Where to write the JSON result [default: RUN/eval/<protocol>.json; none for a file]."
     ),
 ]
+
+
+def command_group(help: str) -> typer.Typer:
+    """A group of ``clcli`` commands (``clcli eval ...``, ``clcli cache ...``) with the tool's help style.
+
+    Help is plain text (``rich_markup_mode=None``): rich markup would read ``[default: ...]`` in an
+    option's help as a style tag and drop it, and shows boolean flags as taking a ``<bool>`` value.
+    """
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None)

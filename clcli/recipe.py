@@ -355,6 +355,14 @@ class TrainerConfig(StrictModel):
         False,
         description="deterministic CUDA kernels, so GPU runs and resumes repeat bitwise (slower); CPU runs always do",
     )
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        max_length=3,
+        description="live metrics: metrics.jsonl (always written), tensorboard (RUN/tensorboard, when the package "
+        "is installed), wandb (Weights & Biases, in RUN/wandb; wandb_mode online also uploads)",
+    )
+    wandb_project: str = Field("clcli", min_length=1, max_length=128)
+    wandb_mode: Literal["offline", "online"] = "offline"
 
 
 # --------------------------------------------------------------------------------------- eval

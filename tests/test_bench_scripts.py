@@ -199,7 +199,20 @@ def test_peer_speed_measures_clcli_and_lightly_side_by_side(tmp_path):
     pytest.importorskip("lightly")
     repo = bench_copy(tmp_path)
     args = ["--peer", "simclr", "moco-v2", "--data", "embedded:digits", "--batch", "16", "--workers", "0"]
-    args += ["--precision", "fp32", "--steps", "1", "--warmup", "1", "--rounds", "1", "--threads", "1"]
+    args += [
+        "--precision",
+        "fp32",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--rounds",
+        "1",
+        "--threads",
+        "1",
+        "--clock",
+        "cpu",
+    ]
     run_script(repo, "speed.py", *args, *[a for s in _TINY_SETS for a in ("--set", s)])
     rows = json.loads((repo / "bench" / "results" / "speed.json").read_text())
     assert sorted((r["method"], r["impl"]) for r in rows) == [
@@ -210,10 +223,11 @@ def test_peer_speed_measures_clcli_and_lightly_side_by_side(tmp_path):
     ]
     for r in rows:
         assert r["images_per_s"] > 0 and r["model_step_s"] > 0 and len(r["recipe_hash"]) == 64
+        assert r["clock"] == "cpu"
     ours, theirs = (next(r for r in rows if r["method"] == "simclr" and r["impl"] == i) for i in ("clcli", "lightly"))
     assert ours["ratio_images_per_s"] == pytest.approx(ours["images_per_s"] / theirs["images_per_s"], rel=0.01)
     table = (repo / "bench" / "results" / "peer.md").read_text()
-    assert table.count("| 16 | fp32 | cpu |") == 2
+    assert table.count("| 16 | fp32 | cpu | cpu |") == 2
 
 
 def _row(

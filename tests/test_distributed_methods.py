@@ -19,7 +19,10 @@ from tests.dist_harness import World
 from tests.helpers import tiny_overrides
 
 #: the suite's tiny recipes, cut to three steps of a global batch of 16 (8 per process) over 64 images
+# channels-last convolutions on the CPU round differently for a batch of 8 and one of 16 (InvaSpread's loss
+# took that past 1e-5 in three steps): the comparison is of the distribution, so both sides run contiguous
 FASTER = [
+    "trainer.channels_last=false",
     "trainer.batch_size=16",
     "trainer.steps=3",
     "data.limit=64",

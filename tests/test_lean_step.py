@@ -35,8 +35,10 @@ READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "
 STEP_PHASES = ("_to_batch", "_forward_backward", "_optimizer_step")
 READING_PHASES = ("_log_interval", "_check_finite", "save", "_start_epoch", "_online_eval", "_summary")
 TRAINER = str(Path(CLCLI) / "engine" / "trainer.py")
-# MoCo's shuffle permutation is drawn on the host from tensors made there (never a device value)
-HOST_SIDE = {"grouped_shuffle", "_random_derangements"}
+# MoCo's shuffle permutation is drawn on the host from tensors made there (never a device value), and so
+# are the batched views' random parameters (per-sample counters from the collated seeds, crop boxes)
+HOST_SIDE = {"grouped_shuffle", "_random_derangements", "sample_boxes"}
+HOST_FILES = {str(Path(CLCLI) / "views" / "sample_random.py")}
 
 
 @pytest.fixture
@@ -55,7 +57,11 @@ def device_reads(monkeypatch):
             caller = sys._getframe(1)
             code = caller.f_code
             in_step = depth["step"] or code.co_filename == TRAINER
-            ours = code.co_filename.startswith(str(REPO)) and code.co_name not in HOST_SIDE  # not torch's
+            ours = (
+                code.co_filename.startswith(str(REPO))  # not torch's
+                and code.co_name not in HOST_SIDE
+                and code.co_filename not in HOST_FILES
+            )
             if in_step and not depth["reading"] and ours:
                 found.append((code.co_filename, caller.f_lineno, code.co_name, state["trainer"].state.step))
             return real(self, *args, **kwargs)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -40,6 +41,9 @@ from tests.helpers import tiny_recipe, tiny_recipe_names
 _VALIDATED, _TRAINED = (int(x) for x in os.environ.get("CLCLI_PROPERTY_EXAMPLES", "300,30").split(","))
 TINY_NAMES = tiny_recipe_names()
 STEP_TIMEOUT_S = 60.0
+# Valid values whose first step takes minutes by design (torch.compile builds kernels): validated here, not
+# trained; tests/test_lean_step.py trains a compiled run.
+SLOW_TO_TRAIN = {"trainer.compile"}
 
 
 # ------------------------------------------------------------------------------ the fields
@@ -183,9 +187,12 @@ def outcome(name: str, path: str, value: Any, train: bool) -> str:
     except RecipeError as exc:
         assert names_the_field(str(exc), path, value), f"{name} {path}={value!r}: refused without naming it: {exc}"
         return "refused"
-    if not train:
+    if not train or path in SLOW_TO_TRAIN:
         return "accepted"
     recipe = validate_recipe(apply_overrides(recipe.to_dict(), ["trainer.steps=1"]))
+    # a drawn trainer.deterministic=true switches the process to deterministic kernels: switched back after
+    kernels = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, STEP_TIMEOUT_S)
     try:
@@ -200,6 +207,8 @@ def outcome(name: str, path: str, value: Any, train: bool) -> str:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        torch.use_deterministic_algorithms(kernels[0], warn_only=kernels[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
 
 
 COUNTS: Counter[str] = Counter()

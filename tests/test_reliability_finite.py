@@ -176,6 +176,6 @@ def test_a_finished_run_resumed_reports_its_last_loss(tmp_path):
     summary = json.loads(res.output[res.output.index("{") :])
     assert summary["final_loss"] == losses(run)[-1] and summary["steps"] == 2
     res = runner.invoke(app, ["pretrain", "--resume", "--out", str(run), "--no-progress"])
-    assert res.exit_code == 0 and "already finished (2 of 2 steps)" in " ".join(res.output.split())
+    assert res.exit_code == 0 and "already finished at step 2: nothing to train" in " ".join(res.output.split())
     assert "nan" not in res.output
     assert (run / "metrics.jsonl").read_text() == before  # nothing logged again

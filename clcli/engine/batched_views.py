@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from clcli.data import ImageSource
-from clcli.engine.loader import CollatedBatch, ViewsDataset
+from clcli.engine.loader import CollatedBatch, Skipped, ViewsDataset
 from clcli.errors import BadImageError, DataError, RecipeError
 from clcli.recipe import Recipe
 from clcli.views.batched import BatchedViews, unsupported_pipelines
@@ -58,29 +58,30 @@ class BatchedViewsDataset(ViewsDataset):
         super().__init__(source, views, skip_bad_images, with_text)  # type: ignore[arg-type]
         self.batched_views = views
 
-    def __getitem__(self, item: tuple[int, int]) -> ImageSample | None:  # type: ignore[override]
+    def __getitem__(self, item: tuple[int, int]) -> ImageSample | Skipped:  # type: ignore[override]
         index, seed = item
         try:
             image = self.source.load_image(index)
         except BadImageError:
             if self.skip_bad_images:
-                return None
+                return Skipped(index)
             raise
         text = self.source.text(index) if self.with_text else None
         return ImageSample(image, index, self.source.label(index), seed, text)
 
     @staticmethod
-    def collate_fn(samples: list[ImageSample | None]) -> CollatedBatch:
+    def collate_fn(samples: list[ImageSample | Skipped | None]) -> CollatedBatch:
         return collate_images(samples)
 
 
-def collate_images(samples: list[ImageSample | None]) -> CollatedBatch:
+def collate_images(samples: list[ImageSample | Skipped | None]) -> CollatedBatch:
     """Stack a batch's images (they must be one size) and seeds; ``views`` stays empty until the device."""
-    good = [s for s in samples if s is not None]
+    good = [s for s in samples if isinstance(s, ImageSample)]
     skipped = len(samples) - len(good)
+    bad = tuple(s.index for s in samples if isinstance(s, Skipped))
     empty = torch.empty(0, dtype=torch.long)
     if not good:
-        return CollatedBatch([], empty, empty, skipped, images=None, seeds=empty)
+        return CollatedBatch([], empty, empty, skipped, images=None, seeds=empty, skipped_index=bad)
     shapes = {tuple(s.image.shape) for s in good}
     if len(shapes) > 1:
         listed = ", ".join("x".join(map(str, shape)) for shape in sorted(shapes)[:4])
@@ -93,7 +94,7 @@ def collate_images(samples: list[ImageSample | None]) -> CollatedBatch:
     label = torch.tensor([s.label for s in good], dtype=torch.long)
     seeds = torch.tensor([s.seed for s in good], dtype=torch.long)
     text = [s.text for s in good] if any(s.text is not None for s in good) else None
-    return CollatedBatch([], index, label, skipped, text, images=images, seeds=seeds)
+    return CollatedBatch([], index, label, skipped, text, images=images, seeds=seeds, skipped_index=bad)
 
 
 def device_views(cb: CollatedBatch, dataset: Any, device: torch.device) -> list[torch.Tensor]:

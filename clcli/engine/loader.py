@@ -157,12 +157,12 @@ def collate(samples: list[Sample | Skipped | None]) -> CollatedBatch:
     bad = tuple(s.index for s in samples if isinstance(s, Skipped))
     if not good:
         empty = torch.empty(0, dtype=torch.long)
-        return CollatedBatch([], empty, empty.clone(), skipped, None, bad)
+        return CollatedBatch([], empty, empty.clone(), skipped, None, skipped_index=bad)
     views = [torch.stack([s.views[v] for s in good]) for v in range(len(good[0].views))]
     index = torch.tensor([s.index for s in good], dtype=torch.long)
     label = torch.tensor([s.label for s in good], dtype=torch.long)
     text = [s.text for s in good] if any(s.text is not None for s in good) else None
-    return CollatedBatch(views, index, label, skipped, text, bad)
+    return CollatedBatch(views, index, label, skipped, text, skipped_index=bad)
 
 
 def epoch_loader(

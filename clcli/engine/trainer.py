@@ -7,7 +7,6 @@ schedules computed from the global step, checkpoints, exact resume, progress and
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time
@@ -28,7 +27,8 @@ from clcli.engine.compiled import compile_networks
 from clcli.engine.ddp import accumulating, any_rank, data_parallel, mean_over_ranks, share_main_state
 from clcli.engine.finite import last_finite_hint, refuse_non_finite_state
 from clcli.engine.loader import CollatedBatch, ViewsDataset, epoch_loader, sample_seed, stream_loader
-from clcli.engine.metrics_log import cut_back, last_value, metrics_line
+from clcli.engine.loggers import RunLoggers, open_loggers
+from clcli.engine.metrics_log import cut_back, metrics_line
 from clcli.engine.optim import build_optimizer, set_update_kernels
 from clcli.errors import CheckpointError, TrainingError
 from clcli.methods.base import Batch, Method
@@ -84,6 +84,7 @@ class _Interval:
     images: int = 0
     lr: float = float("nan")  # the scheduled learning rate of the current step
     metrics: dict[str, Any] = field(default_factory=dict)  # the method's metrics of the last micro-batch
+    health: dict[str, torch.Tensor] = field(default_factory=dict)  # what Method.health reads at a record
     last_loss: float = float("nan")  # the loss of the last record
 
     @classmethod
@@ -173,6 +174,7 @@ class Trainer:
             find_unused_parameters=method.ddp_find_unused_parameters,
         )
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.loggers = RunLoggers()  # TensorBoard / W&B (clcli.engine.loggers), opened by fit
 
     # ----------------------------------------------------------------------------- schedule
     def _set_hyperparameters(self, step: int) -> float:
@@ -283,6 +285,7 @@ class Trainer:
         if self.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(metrics_line(record))
+        self.loggers.log(record)
         self.state.history.append(record)
 
     def _check_finite(self, bad: torch.Tensor) -> None:
@@ -334,9 +337,8 @@ class Trainer:
         live = _Interval.starting(self.device)
         interrupted = False
         run_start = time.perf_counter() - s.elapsed
-        if s.step >= plan.total_steps:
-            self.console.print(f"{self.run_dir} is already finished ({s.step} of {plan.total_steps} steps)")
-        with _StopFlag() as stop, self._progress_bar() as bar:
+        self.loggers = open_loggers(r, self.run_dir, start_step=s.step, enabled=self.is_main, console=self.console)
+        with _StopFlag() as stop, self._progress_bar() as bar, self.loggers:
             while s.step < plan.total_steps and not interrupted:
                 self._start_epoch(bar)
                 micro = 0
@@ -410,7 +412,7 @@ class Trainer:
         detached = loss.detach().float()
         live.bad |= ~torch.isfinite(detached)
         live.loss += detached / acc
-        live.metrics = out.metrics
+        live.metrics, live.health = out.metrics, out.health
         s.position += 1
         live.images += batch.size * dist.world_size()  # the processes' batches are equal
         s.images += batch.size * dist.world_size()
@@ -444,7 +446,8 @@ class Trainer:
         rate = live.images / max(now - live.start, 1e-9)
         live.last_loss = float(mean_over_ranks(live.loss)) / max(live.steps, 1)  # the global batch's loss
         record = {"step": s.step, "epoch": s.epoch, "loss": live.last_loss, "lr": live.lr, "images_per_s": rate}
-        for k, v in live.metrics.items():
+        record["weight_decay"] = max(g["weight_decay"] for g in self.optimizer.param_groups)
+        for k, v in {**live.metrics, **self.method.health(live.health)}.items():
             record[k] = float(mean_over_ranks(torch.as_tensor(v, device=self.device)))
         self._log(record)
         bar.say(f"loss {live.last_loss:.4f}  lr {live.lr:.3g}  {rate:.0f} img/s")
@@ -466,8 +469,7 @@ class Trainer:
             "steps": s.step,
             "epochs": s.epoch,
             "images": s.images,
-            # a fit that logged nothing (the run was already finished): the run's last logged loss
-            "final_loss": last_value(self.metrics_path, "loss") if math.isnan(final_loss) else final_loss,
+            "final_loss": final_loss,
             "seconds": round(s.elapsed, 2),
             "skipped_bad_images": len(s.skipped_files),  # files, each counted once
             "skipped_bad_reads": s.skipped_bad_images,  # reads: a file is read once per epoch
@@ -487,7 +489,9 @@ class Trainer:
         finally:
             self.method.train()
         self._log({"step": self.state.step, "epoch": self.state.epoch, **{f"online_{k}": v for k, v in result.items()}})
+        top1, skipped = result.get("knn_top1", float("nan")), result.get("knn_skipped_images")
         self.console.print(
-            f"epoch {self.state.epoch}: online kNN " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+            f"epoch {self.state.epoch}: online kNN top-1 {top1:.4f}"
+            + (f" ({skipped:g} unreadable images skipped)" if skipped else "")
         )
         dist.barrier()

@@ -19,6 +19,7 @@ class FeatureSet:
     features: torch.Tensor  # float32 [N, D] on the CPU
     labels: torch.Tensor | None  # int64 [N]
     skipped: int = 0
+    index: torch.Tensor | None = None  # int64 [N]: the position in the source of each row (unreadable ones left out)
 
 
 @torch.no_grad()
@@ -58,4 +59,4 @@ def extract_features(
         description=description,
     )
     labels = source.labels()
-    return FeatureSet(features, None if labels is None else labels[index], len(source) - len(index))
+    return FeatureSet(features, None if labels is None else labels[index], len(source) - len(index), index)

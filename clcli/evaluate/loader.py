@@ -84,14 +84,20 @@ def load_model(
     vocab: Path | None = None,
     trust_torchscript: bool = False,
     activation: str = "quick_gelu",
+    layout: str | None = None,
+    trust_pickle: bool = False,
 ) -> Loaded:
     """Load a run (``run_dir``, optionally one of its ``checkpoint`` folders) or a CLIP file (``checkpoint``).
 
     ``needs_data``: a file has no data of its own, so ``data`` must be given; ``text``: the model
     must have a text tower (zero-shot), and a file its BPE vocabulary (``vocab``, or the copy in an
-    installed open_clip).  ``activation`` is the MLP activation of a file's towers.
+    installed open_clip).  ``activation`` is the MLP activation of a file's towers.  A file written by
+    ``clcli export`` / ``clcli import``, or a published checkpoint in ``layout`` (``--from``), is
+    evaluated as an encoder (:mod:`clcli.evaluate.encoder_file`).
     """
     if run_dir is not None:
+        if layout is not None:
+            raise ClcliError("--from names the layout of a --checkpoint FILE given without --run")
         recipe, method, path = load_run(Path(run_dir), checkpoint)
         if text and not method.has_text_tower:
             raise ClcliError(
@@ -111,9 +117,19 @@ def load_model(
         )
     if checkpoint is None:
         raise ClcliError(
-            "give --run RUN (a run folder of clcli pretrain) or --checkpoint FILE (a pretrained CLIP checkpoint "
-            "in the OpenAI / open_clip layout)" + (" with --data SPEC" if needs_data else "")
+            "give --run RUN (a run folder of clcli pretrain) or --checkpoint FILE (an exported or imported encoder, "
+            "a pretrained CLIP checkpoint in the OpenAI / open_clip layout, or a published checkpoint with --from "
+            "LAYOUT)" + (" with --data SPEC" if needs_data else "")
         )
+    from clcli.evaluate.encoder_file import is_encoder_file, load_encoder_file
+
+    if layout is not None or is_encoder_file(Path(checkpoint)):
+        if text:
+            raise ClcliError(f"{checkpoint} is an image encoder without a text tower; zero-shot needs a CLIP model")
+        model, recipe, device, name, extra = load_encoder_file(
+            Path(checkpoint), layout, data=data, needs_data=needs_data, trust_pickle=trust_pickle
+        )
+        return Loaded(model, recipe, device, Path(checkpoint), None, "bilinear", name, extra)
     if Path(checkpoint).is_dir():
         raise ClcliError(f"{checkpoint} is a folder: a run's checkpoint folder goes with --run RUN")
     if needs_data and data is None:

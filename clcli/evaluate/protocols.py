@@ -177,6 +177,8 @@ def knn_eval(
     checkpoint: Path | None = None,
     trust_torchscript: bool = False,
     activation: str = "quick_gelu",
+    layout: str | None = None,
+    trust_pickle: bool = False,
     data: str | None = None,
     train_split: str | None = None,
     test_split: str | None = None,
@@ -201,7 +203,14 @@ def knn_eval(
         raise ClcliError(f"--k must be at least 1, got {k}")
     check_output(output)  # an explicit --output before the model loads; the default one just after
     src = load_model(
-        run_dir, checkpoint, data=data, needs_data=True, trust_torchscript=trust_torchscript, activation=activation
+        run_dir,
+        checkpoint,
+        data=data,
+        needs_data=True,
+        trust_torchscript=trust_torchscript,
+        activation=activation,
+        layout=layout,
+        trust_pickle=trust_pickle,
     )
     out = src.default_output("knn", output)
     check_output(out)
@@ -238,6 +247,8 @@ def linear_eval(
     checkpoint: Path | None = None,
     trust_torchscript: bool = False,
     activation: str = "quick_gelu",
+    layout: str | None = None,
+    trust_pickle: bool = False,
     data: str | None = None,
     train_split: str | None = None,
     test_split: str | None = None,
@@ -257,7 +268,14 @@ def linear_eval(
     check_limits(train_limit, test_limit)
     check_output(output)  # an explicit --output before the model loads; the default one just after
     src = load_model(
-        run_dir, checkpoint, data=data, needs_data=True, trust_torchscript=trust_torchscript, activation=activation
+        run_dir,
+        checkpoint,
+        data=data,
+        needs_data=True,
+        trust_torchscript=trust_torchscript,
+        activation=activation,
+        layout=layout,
+        trust_pickle=trust_pickle,
     )
     out = src.default_output("linear", output)
     check_output(out)

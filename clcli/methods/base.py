@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from clcli.errors import CheckpointError, ClcliError
+from clcli.methods.health import collapse_measures
 from clcli.recipe import MethodConfig, Recipe, validate_recipe
 from clcli.schedules import steps_for_epochs
 
@@ -45,8 +46,16 @@ class Batch:
 
 @dataclass
 class StepOutput:
+    """What a training step gives the trainer.
+
+    ``metrics``: numbers or detached scalar tensors, logged as they are; ``health``: detached
+    tensors (``embedding``: [B, D], or a method's own) kept until the trainer writes a record,
+    when :meth:`Method.health` turns them into numbers; no step computes or waits for them.
+    """
+
     loss: torch.Tensor
     metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    health: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -155,6 +164,15 @@ class Method(nn.Module):
         """The method's resolved schedules, printed at the start of a run."""
         return {}
 
+    def health(self, saved: dict[str, torch.Tensor]) -> dict[str, float | torch.Tensor]:
+        """Health measures of the last step, from the tensors it kept in :attr:`StepOutput.health`.
+
+        Called only when the trainer writes a record (every ``trainer.log_every`` steps).  The
+        default gives the collapse measures of ``saved["embedding"]`` (its standard deviation and
+        effective rank, :mod:`clcli.methods.health`); a method adds its own by extending it.
+        """
+        return collapse_measures(saved["embedding"]) if "embedding" in saved else {}
+
     # -- evaluation and export ------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Representation for evaluation (kNN, linear probe): the backbone's pooled output."""
@@ -200,6 +218,11 @@ class Method(nn.Module):
     def zeroshot_templates(self) -> str | None:
         """The prompt-template set zero-shot uses by default (a set name, file or template); None: the tool's."""
         return None
+
+    @classmethod
+    def check_external(cls, cfg: Any) -> None:
+        """Refuse, before any data is read, what the method would load from outside the recipe and is not
+        allowed or not there (e.g. code a ``python:`` hook names); the default has nothing to check."""
 
     @classmethod
     def rebuild_encoder(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> nn.Module:

@@ -105,7 +105,7 @@ class BYOL(Method):
         p1, p2 = self._online(batch.views)
         z1, z2 = self._target(batch.views)
         loss = byol_loss(p1, p2, z1, z2)
-        return StepOutput(loss, {"ema_momentum": self.momentum(step)})
+        return StepOutput(loss, {"ema_momentum": self.momentum(step)}, health={"embedding": p1.detach()})
 
     def after_step(self, step: int) -> None:
         tau = self.momentum(step)

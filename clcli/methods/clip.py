@@ -163,6 +163,14 @@ class CLIP(Method):
     has_text_tower = True
     paper = "arXiv:2103.00020"
 
+    @classmethod
+    def check_external(cls, cfg: Any) -> None:
+        """A locked text tower's folder is found (and a ``python:`` hook allowed to import) before the data."""
+        if cfg.text_tower == "hf" and cfg.text_encoder:
+            from clcli.text.hf import resolve_encoder_path
+
+            resolve_encoder_path(cfg.text_encoder)
+
     def __init__(self, cfg: CLIPConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)
         self.cfg: CLIPConfig = cfg
@@ -333,7 +341,7 @@ class CLIP(Method):
         text = dist.gather_with_grad(text) if text.requires_grad else dist.gather_no_grad(text)
         loss = clip_contrastive(image, text, self.logit_scale, self.cfg.max_logit_scale)
         scale = self.logit_scale.detach().exp().clamp(max=self.cfg.max_logit_scale)
-        return StepOutput(loss, {"logit_scale": scale})
+        return StepOutput(loss, {"logit_scale": scale}, health={"embedding": image.detach()})
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

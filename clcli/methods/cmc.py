@@ -271,7 +271,7 @@ class CMC(Method):
         # the loss used the banks as they were; now move the batch's rows towards the new embeddings
         for bank, e in zip(self.banks, all_emb, strict=True):
             bank.update(all_index, e)
-        return StepOutput(loss, metrics)
+        return StepOutput(loss, metrics, health={"embedding": emb[0].detach()})
 
     def on_epoch_start(self, epoch: int, step: int) -> dict[str, float]:
         if self.cfg.bank_init != "encoded" or bool(self.banks_filled):

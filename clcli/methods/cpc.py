@@ -336,7 +336,8 @@ class CPC(Method):
         if self.target is not None:
             candidates = self.target(candidates)
         loss = cpc_infonce(torch.cat(preds) * self.cfg.emb_scale, candidates, torch.cat(targets))
-        return StepOutput(loss, {"patch_norm": z.detach().float().norm(dim=-1).mean()})
+        metrics = {"patch_norm": z.detach().float().norm(dim=-1).mean()}
+        return StepOutput(loss, metrics, health={"embedding": z.detach().reshape(b * n, -1)})
 
     def schedule_summary(self) -> dict[str, str]:
         cfg, g = self.cfg, self.backbone

@@ -246,8 +246,17 @@ class DINO(Method):
             "teacher_temperature": tau_t,
             "teacher_entropy": teacher_entropy,
             "kl": loss.detach() - teacher_entropy,
+            "ema_momentum": self.momentum(step),
         }
-        return StepOutput(loss, metrics)
+        return StepOutput(loss, metrics, health={"embedding": student[0].detach()})
+
+    def health(self, saved: dict[str, torch.Tensor]) -> dict[str, float | torch.Tensor]:
+        """The collapse measures of the student output, and the norm of the teacher's centre c.
+
+        A centre that grows without bound, or a teacher entropy at 0 or log K, is how DINO's
+        collapse shows (Caron et al. 2021, arXiv:2104.14294, §5.3).
+        """
+        return {**super().health(saved), "center_norm": self.center.float().norm()}
 
     @torch.no_grad()
     def _update_center(self, teacher: torch.Tensor) -> None:

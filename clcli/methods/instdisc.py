@@ -139,7 +139,7 @@ class InstDisc(Method):
         metrics["positive_similarity"] = (f.detach() * positive).sum(dim=1).mean()
         # the loss above used the bank as it was before this step; now move the batch's rows
         self.bank.update(dist.gather_no_grad(index), dist.gather_no_grad(f.detach()))
-        return StepOutput(loss, metrics)
+        return StepOutput(loss, metrics, health={"embedding": f.detach()})
 
     def on_epoch_start(self, epoch: int, step: int) -> dict[str, float]:
         if self.cfg.bank_init != "encoded" or bool(self.bank_filled):

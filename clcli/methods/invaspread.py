@@ -89,4 +89,4 @@ class InvaSpread(Method):
         f1, f2 = dist.gather_with_grad(f1), dist.gather_with_grad(f2)
         loss = invaspread_loss(f1, f2, self.cfg.temperature, detach_others=self.cfg.detach_others)
         positive = (f1.detach() * f2.detach()).sum(dim=1).mean()
-        return StepOutput(loss, {"positive_similarity": positive})
+        return StepOutput(loss, {"positive_similarity": positive}, health={"embedding": f.detach()})

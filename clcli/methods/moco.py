@@ -304,7 +304,8 @@ class MoCo(Method):
         self.queue.enqueue(dist.gather_no_grad(new_keys))
         with torch.no_grad():
             pos_sim = (F.normalize(q1.detach().float(), dim=1) * k2).sum(1).mean()
-        return StepOutput(loss, {"pos_sim": pos_sim})
+        metrics = {"pos_sim": pos_sim, "ema_momentum": self.momentum(step)}
+        return StepOutput(loss, metrics, health={"embedding": q1.detach()})
 
     def after_step(self, step: int) -> None:
         m = self.momentum(step)

@@ -121,7 +121,8 @@ class MoCoV3(Method):
             n = batch.size
             k2_mine = k2[offset : offset + n].float()
             pos_sim = F.cosine_similarity(q1.detach().float(), k2_mine, dim=1).mean()
-        return StepOutput(loss, {"pos_sim": pos_sim})
+        metrics = {"pos_sim": pos_sim, "ema_momentum": self.momentum(step)}
+        return StepOutput(loss, metrics, health={"embedding": q1.detach()})
 
     def after_step(self, step: int) -> None:
         m = self.momentum(step)

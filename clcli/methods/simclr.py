@@ -61,4 +61,4 @@ class SimCLR(Method):
         z1, z2 = z.chunk(2)
         z1, z2 = dist.gather_with_grad(z1), dist.gather_with_grad(z2)
         loss = nt_xent(z1, z2, self.cfg.temperature)
-        return StepOutput(loss)
+        return StepOutput(loss, health={"embedding": z.detach()})

@@ -125,7 +125,8 @@ class SimSiam(Method):
             t1, t2 = z1, z2
         loss = simsiam_loss(p1, p2, t1, t2)
         std = normalized_output_std(z1)
-        return StepOutput(loss, {"z_std": std, "z_std_sqrt_d": std * math.sqrt(z1.shape[1])})
+        metrics = {"z_std": std, "z_std_sqrt_d": std * math.sqrt(z1.shape[1])}
+        return StepOutput(loss, metrics, health={"embedding": z1.detach()})
 
     def schedule_summary(self) -> dict[str, str]:
         c = self.cfg

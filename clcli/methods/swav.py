@@ -223,7 +223,7 @@ class SwAV(Method):
             "assignment_entropy": assignment_entropy,
             "queue_used": float(queue_used),
         }
-        return StepOutput(loss, metrics)
+        return StepOutput(loss, metrics, health={"embedding": z[:b].detach()})
 
     def before_step(self, step: int) -> None:
         if step < self.freeze_steps:

@@ -204,16 +204,37 @@ class VisionTransformer(nn.Module):
         patch_pos = interpolate_pos_embed(patch_pos, (self.grid, self.grid), (grid_h, grid_w))
         return torch.cat([cls_pos, patch_pos], dim=1)
 
-    def forward_tokens(self, x: Tensor) -> Tensor:
-        """All tokens after the final norm: ``[B, 1 + N, dim]``, the class token first."""
+    def _embed(self, x: Tensor) -> tuple[Tensor, int, int]:
+        """The input tokens ``[B, 1 + gh*gw, dim]`` (class token first, positions added) and the patch grid."""
         patches = self.patch_embed(x)  # [B, dim, gh, gw]
         b, _, gh, gw = patches.shape
         tokens = patches.flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
-        tokens = tokens + self.position_embedding(gh, gw)
+        return tokens + self.position_embedding(gh, gw), gh, gw
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """All tokens after the final norm: ``[B, 1 + N, dim]``, the class token first."""
+        tokens, _, _ = self._embed(x)
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)
+
+    @torch.no_grad()
+    def cls_attention(self, x: Tensor) -> Tensor:
+        """The last block's attention of the class token to each patch, per head: ``[B, heads, gh, gw]``.
+
+        softmax(q_cls kᵀ / sqrt(d_head)) over all tokens, read at the patch tokens: the maps DINO
+        shows (Caron et al. 2021, arXiv:2104.14294, Fig. 1).
+        """
+        tokens, gh, gw = self._embed(x)
+        for block in self.blocks[:-1]:
+            tokens = block(tokens)
+        last = self.blocks[-1]
+        b, t, d = tokens.shape
+        h = last.attn.heads
+        qkv = last.attn.qkv(last.norm1(tokens)).reshape(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        scores = (qkv[0][:, :, :1] @ qkv[1].transpose(-2, -1)) * (d // h) ** -0.5  # [B, heads, 1, T]
+        return scores.float().softmax(dim=-1)[:, :, 0, 1:].reshape(b, h, gh, gw)
 
     def forward(self, x: Tensor) -> Tensor:
         """The class token of ``x`` ``[B, C, H, W]``: ``[B, dim]``."""
