@@ -114,11 +114,3 @@ def cut_back(path: Path, step: int, size: int | None) -> int:
     if removed:
         atomic_write_text(path, b"".join(ln + b"\n" for ln in kept).decode("utf-8", errors="replace"))
     return removed
-
-
-def last_value(path: Path, key: str) -> float:
-    """The value of ``key`` in the last record of the metrics file that has it (nan when none has)."""
-    for record in reversed(read_records(path)):
-        if key in record and isinstance(record[key], int | float):
-            return float(record[key])
-    return math.nan
