@@ -47,7 +47,7 @@ def main() -> None:
                 "--recipe",
                 "simclr",
                 "--data",
-                str(CIFAR / "train.parquet"),
+                str(Path(args.data) / "train.parquet"),
                 "--out",
                 str(run),
                 "--overwrite",
