@@ -89,6 +89,7 @@ HASH_DROPPED: tuple[tuple[str, ...], ...] = (
     ("data", "cache"),
     ("data", "cache_dir"),
     ("data", "cache_budget"),
+    ("data", "on_device"),
     ("trainer", "compile"),
 )
 HASH_DROPPED_AT_DEFAULT: dict[tuple[str, ...], Any] = {("data", "cache_size"): None}

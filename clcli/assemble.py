@@ -26,6 +26,7 @@ from clcli.engine.device import pick_device
 from clcli.engine.distributed import init_distributed, per_rank_batch
 from clcli.engine.loader import StreamViewsDataset, ViewsDataset
 from clcli.engine.metrics_log import cut_back
+from clcli.engine.resident import resident_images
 from clcli.engine.trainer import Trainer
 from clcli.errors import BadImageError, DataError, DistributedError
 from clcli.methods.base import BuildContext, Method
@@ -134,6 +135,9 @@ def prepare_training(
     check_input_channels(recipe, _image_channels(source))
     source = decoded_once(source, data, console=console, progress=show_progress)
     backend, _ = resolve_backend(recipe, source, device)
+    resident, why = resident_images(recipe, source, backend, device)  # data.on_device
+    if resident is not None:
+        console.print(f"[dim]{why}: batches gathered there[/]")
     views = ViewMaker(recipe.views)
     plan = make_plan(recipe, len(source) if isinstance(source, ImageSource) else None)
     check_memory(recipe, plan.dataset_size, device, batch_size=per_rank_batch(recipe.trainer.batch_size))
@@ -141,6 +145,7 @@ def prepare_training(
     stream_factory = None
     if isinstance(source, ImageSource) and backend == "batched":
         dataset: Any = BatchedViewsDataset(source, BatchedViews(recipe.views), data.skip_bad_images, method.needs_text)
+        dataset.resident = resident
     elif isinstance(source, ImageSource):
         dataset = ViewsDataset(source, views, data.skip_bad_images, with_text=method.needs_text)
     else:

@@ -110,6 +110,11 @@ class DataConfig(StrictModel):
     cache_budget: float = Field(
         0.5, gt=0, le=1, description="auto: the largest fraction of the available memory the decoded images may take"
     )
+    on_device: bool | Literal["auto"] = Field(
+        "auto",
+        description="hold the cached images in the training device's memory and gather batches there (batched views "
+        "only); auto: on a GPU when they fit data.cache_budget of its free memory",
+    )
 
     @field_validator("cache", mode="before")
     @classmethod

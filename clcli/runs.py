@@ -53,6 +53,7 @@ RESUMABLE_CHANGES = {
     ("data", "cache"),
     ("data", "cache_dir"),
     ("data", "cache_budget"),
+    ("data", "on_device"),
     ("views", "backend"),  # where the views are made, not their distribution (and runs from before the field)
 }
 

@@ -57,6 +57,7 @@ class BatchedViewsDataset(ViewsDataset):
     ) -> None:
         super().__init__(source, views, skip_bad_images, with_text)  # type: ignore[arg-type]
         self.batched_views = views
+        self.resident: Any = None  # clcli.engine.resident.ResidentImages when data.on_device holds the images
 
     def __getitem__(self, item: tuple[int, int]) -> ImageSample | Skipped:  # type: ignore[override]
         index, seed = item

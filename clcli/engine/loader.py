@@ -175,8 +175,9 @@ def epoch_loader(
     num_batches: int | None = None,
     order: torch.Tensor | None = None,
     shard: tuple[int, int] = (0, 1),
-) -> DataLoader:
-    """A DataLoader for one epoch from batch ``start``.
+) -> DataLoader | Iterator[CollatedBatch]:
+    """A DataLoader for one epoch from batch ``start`` (batches gathered on the device when the dataset's
+    images are held there).
 
     It gets a generator of its own, so creating it (at an epoch start, or mid-epoch on resume) never
     draws from the global RNG that methods use.  ``batch_size`` is the global batch; with ``shard``
@@ -186,6 +187,9 @@ def epoch_loader(
     sampler: Sampler = EpochBatchSampler(len(dataset), batch_size, seed, epoch, start, num_batches, order)
     if shard[1] > 1:
         sampler = ShardedBatchSampler(sampler, *shard)
+    resident = getattr(dataset, "resident", None)  # images held on the device (clcli.engine.resident)
+    if resident is not None:
+        return resident.batches(sampler, dataset.skip_bad_images, dataset.with_text)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
