@@ -48,6 +48,7 @@ from clcli.recipe_checks import (
     increasing,
     ordered,
 )
+from clcli.recipe_eval import FinetuneConfig, LinearSgdConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -383,6 +384,8 @@ class EvalConfig(StrictModel):
     )
     linear_val_fraction: float = Field(0.1, gt=0, lt=1)
     linear_max_iter: int = Field(200, ge=1, le=100_000)
+    linear_sgd: LinearSgdConfig = Field(default_factory=LinearSgdConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
 
 class Recipe(StrictModel):
