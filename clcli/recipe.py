@@ -206,7 +206,7 @@ class ViewsConfig(StrictModel):
 
 # -------------------------------------------------------------------------------------- model
 class BackboneConfig(StrictModel):
-    """The encoder.  ``name`` is a registered backbone: resnet18, resnet34, resnet50, vit, convnet."""
+    """The encoder.  ``name``: resnet18, resnet34, resnet50, vit, convnet, a plug-in's, or timm:NAME."""
 
     name: str = "resnet18"
     cifar_stem: bool = Field(True, description="ResNet: 3x3 stride-1 first conv and no max-pool (for 32 px)")
@@ -224,6 +224,9 @@ class BackboneConfig(StrictModel):
     heads: int = Field(3, ge=1)
     mlp_ratio: float = Field(4.0, gt=0, le=1024)
     frozen_patch_embed: bool = Field(False, description="vit: keep the random patch projection fixed (MoCo v3)")
+    pretrained_file: str | None = Field(
+        None, description="weights a run starts from (safetensors or weights-only torch)"
+    )
 
     @model_validator(mode="after")
     def _vit_shape(self) -> BackboneConfig:
