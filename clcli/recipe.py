@@ -318,7 +318,7 @@ class OptimConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------ trainer
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class TrainerConfig(StrictModel):
@@ -347,7 +347,7 @@ class TrainerConfig(StrictModel):
         "format (clcli.precision.use_channels_last)",
     )
     compile: bool = Field(False, description="torch.compile the method's networks (the first steps compile them)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = Field(2, ge=1)
