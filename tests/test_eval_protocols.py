@@ -161,3 +161,19 @@ def test_protocol_settings_are_recipe_fields():
         load_recipe("simclr", ["eval.linear_sgd.crop_scale=[0.9, 0.1]"])
     with pytest.raises(RecipeError, match="eval.finetune.unknown"):
         load_recipe("simclr", ["eval.finetune.unknown=1"])
+
+
+def test_finetune_of_an_exported_file_keeps_its_subset_beside_the_result(run, tmp_path):
+    encoder = tmp_path / "encoder.safetensors"
+    assert invoke("export", "--run", run, "--out", encoder).exit_code == 0
+    out = tmp_path / "ft.json"
+    args = ["eval", "finetune", "--checkpoint", encoder, "--data", "embedded:digits", "--labels", "0.05"]
+    res = invoke(*args, "--epochs", "1", "--train-limit", "200", "--test-limit", "50", "--output", out, "--json")
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output)
+    saved = json.loads((tmp_path / "ft.labels.json").read_text())
+    assert result["label_subset"]["file"] == str(tmp_path / "ft.labels.json") and result["n_test"] == 50
+    assert (saved["fraction"], saved["split_size"], len(saved["indices"])) == (0.05, 200, result["n_train"])
+    # another split size cannot reuse it
+    res = invoke(*args, "--epochs", "1", "--train-limit", "100", "--output", out)
+    assert_user_error(res, "split_size 200", alone=False)
