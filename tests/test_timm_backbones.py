@@ -42,6 +42,8 @@ def test_vit_embeds_crops_of_other_sizes():
         full, local = model(torch.randn(2, 3, 32, 32, generator=g)), model(torch.randn(2, 3, 16, 16, generator=g))
     assert full.shape == local.shape == (2, model.feature_dim) == (2, 64)
     assert torch.isfinite(local).all()
+    with pytest.raises(RecipeError, match="16x16 patches.*24x24 px.*multiple of 16"):
+        model(torch.randn(1, 3, 24, 24))
 
 
 def test_cifar_stem_refused_where_it_does_not_apply_and_unknown_names():

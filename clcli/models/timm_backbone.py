@@ -116,8 +116,29 @@ def build_timm(cfg: BackboneConfig) -> nn.Module:
             f"model.backbone.name: timm's {arch} gives features of shape {list(out.shape[1:])}, not a vector"
         )
     model.feature_dim = int(out.shape[1])
+    if vit_like:
+        _check_patch_multiples(model, arch)
     model.timm_name, model.timm_kwargs, model.timm_cifar_stem = arch, kwargs, stem
     return model
+
+
+def _check_patch_multiples(model: nn.Module, arch: str) -> None:
+    """Refuse, with a :class:`RecipeError`, an input whose sides are no multiple of the ViT's patch size
+    (timm would stop on an assertion): a view or evaluation size the recipe must change."""
+    patch = getattr(model.patch_embed, "patch_size", None)
+    if not isinstance(patch, tuple | list) or len(patch) != 2:
+        return
+    ph, pw = int(patch[0]), int(patch[1])
+
+    def check(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        h, w = args[0].shape[-2:]
+        if h % ph or w % pw:
+            raise RecipeError(
+                f"timm's {arch} cuts images into {ph}x{pw} patches, so an input of {h}x{w} px cannot be embedded: "
+                f"make every view size (views.groups.N.size) and views.eval_size a multiple of {ph}"
+            )
+
+    model.register_forward_pre_hook(check)
 
 
 # ----------------------------------------------------------------------------- pretrained files
