@@ -25,6 +25,7 @@ from clcli.engine.determinism import enable_determinism
 from clcli.engine.device import pick_device
 from clcli.engine.distributed import init_distributed, per_rank_batch
 from clcli.engine.loader import StreamViewsDataset, ViewsDataset
+from clcli.engine.metrics_log import cut_back
 from clcli.engine.trainer import Trainer
 from clcli.errors import BadImageError, DataError, DistributedError
 from clcli.methods.base import BuildContext, Method
@@ -171,6 +172,8 @@ def prepare_training(
         console.print(f"resuming {out} from step {trainer.state.step} ({existing.name})")
     elif resume:
         console.print(f"no checkpoint in {out}: starting from step 0")
+        if info.is_main:  # what a run killed before its first checkpoint logged is logged again
+            cut_back(trainer.metrics_path, 0, 0)
     if info.is_main:
         record_run(out, recipe, resumed_at=trainer.state.step if existing is not None else None)
     dist.barrier()

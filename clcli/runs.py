@@ -25,6 +25,8 @@ from clcli import __version__, dist
 from clcli.engine import checkpoint as ckpt
 from clcli.engine.determinism import determinism_state
 from clcli.engine.device import pick_device
+from clcli.engine.finite import refuse_non_finite_weights
+from clcli.engine.metrics_log import read_records
 from clcli.errors import CheckpointError, ClcliError, RecipeError
 from clcli.methods.base import BuildContext, Method
 from clcli.models.backbones import build_backbone
@@ -175,11 +177,12 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Every record of a run's ``metrics.jsonl``, in order (the trainer writes one per logged step)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every record of a run's ``metrics.jsonl``, in order (the trainer writes one per logged step).
+
+    Non-finite numbers, written as the strings ``"nan"``, ``"inf"`` and ``"-inf"``, read back as floats
+    (see :mod:`clcli.engine.metrics_log`).
+    """
+    return read_records(Path(run_dir) / METRICS_FILE)
 
 
 def read_run_recipe(run_dir: Path) -> Recipe:
@@ -268,6 +271,7 @@ def load_run(
     )
     method = cls(recipe.method, ctx)
     weights = ckpt.load_model_state(path)
+    refuse_non_finite_weights(weights, path, Path(run_dir))  # nan weights would score as chance, silently
     try:
         method.load_state_dict(weights, strict=True)
     except RuntimeError as exc:

@@ -53,6 +53,7 @@ def pretrain(
     if not math.isfinite(summary.get("final_loss", math.nan)):  # nothing trained now (a finished run resumed)
         losses = [r["loss"] for r in read_metrics(out) if isinstance(r.get("loss"), int | float)]
         summary["final_loss"] = losses[-1] if losses else None
+        stages.trainer.console.print(f"{out} is already finished at step {summary['steps']}: nothing to train")
     summary["recipe"] = recipe.name
     summary["method"] = recipe.method.name
     return summary

@@ -262,9 +262,11 @@ def trained_and_exported(recipe: Recipe, folder: Path) -> tuple[dict, Method, to
 def assert_exact_resume(recipe: Recipe, folder: Path, stop_after: int) -> None:
     """Train ``recipe`` without a break into ``folder/"full"``, and into ``folder/"cut"`` stopped after
     ``stop_after`` steps (with a checkpoint, as Ctrl-C stops it) then resumed to the end; the two runs
-    must log the same losses, bitwise (JSON floats round-trip exactly)."""
+    must log the same losses, bitwise (JSON floats round-trip exactly), at the same increasing steps."""
     pretrain(recipe, folder / "full")
     summary = prepare_training(recipe, folder / "cut").trainer.fit(stop_after=stop_after)
     assert summary["interrupted"] and summary["steps"] == stop_after
     pretrain(recipe, folder / "cut", resume=True)
     assert losses(folder / "cut") == losses(folder / "full")
+    steps = [r["step"] for r in metric_rows(folder / "cut") if "loss" in r]
+    assert steps == sorted(set(steps)) == [r["step"] for r in metric_rows(folder / "full") if "loss" in r]

@@ -9,6 +9,7 @@ exactly where the uninterrupted one did.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -129,7 +130,10 @@ def test_torchrun_two_processes_one_report_one_writer(reference: tuple[Path, str
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # one record per step, not one per rank
     assert json.loads((out / "provenance.json").read_text())["processes"] == 2
     top = sorted(p.name for p in out.iterdir())
-    assert top == ["checkpoints", "metrics.jsonl", "provenance.json", "recipe.yaml"]
+    logs = ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
+    assert top == sorted(["checkpoints", "metrics.jsonl", "provenance.json", "recipe.yaml", *logs])
+    if logs:  # one event file: rank 0 alone logs
+        assert len([p for p in (out / "tensorboard").rglob("*") if "tfevents" in p.name]) == 1
     kept = sorted(p.name for p in (out / ckpt.CKPT_DIR).iterdir())
     assert kept == [ckpt.LATEST, f"step-{STEPS - 4:08d}", f"step-{STEPS:08d}"]  # no temporaries left
 

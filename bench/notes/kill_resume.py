@@ -6,7 +6,9 @@ fresh folder, waits until it has logged a random number of steps (1 to 11 of 12,
 SIGKILL after a further random delay of up to one step's time, then runs ``clcli pretrain --resume``
 until it exits 0.  A trial is *resumed* when that happens, and *identical*
 when every loss row of its metrics file (rows logged before the kill and repeated after the resume
-included) equals the reference loss of its step, bit for bit.  Run from the repository root::
+included) equals the reference loss of its step, bit for bit, and *one sequence* when its metrics
+file holds each step once, in increasing order, with no line cut short (the resume cuts the file
+back to its checkpoint).  Run from the repository root::
 
     PYTHONPATH=$PWD python bench/notes/kill_resume.py --trials 10
 """
@@ -108,6 +110,7 @@ def main() -> None:
         rows, bad_lines = loss_rows(out)
         identical = rc == 0 and bool(rows) and all(reference.get(step) == loss for step, loss in rows)
         identical = identical and {s for s, _ in rows} == set(reference)
+        one_sequence = rc == 0 and [s for s, _ in rows] == sorted(reference) and bad_lines == 0
         left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if ".tmp" in p.name)
         row = {
             "trial": trial,
@@ -119,6 +122,7 @@ def main() -> None:
             "resume_exit": rc,
             "resumed": rc == 0,
             "identical": identical,
+            "one_sequence": one_sequence,
             "cut_metric_lines": bad_lines,
             "temporaries_after_resume": left,
             "error": None if rc == 0 else res.stderr.strip().splitlines()[-1:],
@@ -129,6 +133,7 @@ def main() -> None:
         "trials": len(results),
         "resumed": sum(r["resumed"] for r in results),
         "identical": sum(r["identical"] for r in results),
+        "one_sequence": sum(r["one_sequence"] for r in results),
         "killed_during_a_checkpoint_write": sum(bool(r["temporaries_at_kill"]) for r in results),
         "temporaries_left_after_resume": sum(bool(r["temporaries_after_resume"]) for r in results),
     }

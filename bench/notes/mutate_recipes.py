@@ -18,7 +18,7 @@ and whose mutation touched ``views`` or ``eval`` is then evaluated (``clcli eval
 - accepted: the run trained with a value that is in range (zero, a huge count, an empty list where
   the field allows one).
 
-Run from the repository root: ``PYTHONPATH=. python bench/notes/mutate_recipes.py [--jobs 2]``;
+Run from the repository root: ``PYTHONPATH=. python bench/notes/mutate_recipes.py [--jobs 2] [--sample N]``;
 it prints the counts and writes every outcome to ``bench/notes/results/mutate_recipes.json``.
 """
 
@@ -29,6 +29,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import random
 import tempfile
 import time
 from collections import Counter
@@ -199,12 +200,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--limit", type=int, default=0, help="only the first N mutations")
+    parser.add_argument("--sample", type=int, default=0, help="only N mutations drawn at random (seeded), in order")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of --sample")
     parser.add_argument("--out", default="bench/notes/results/mutate_recipes.json")
     args = parser.parse_args()
     import clcli.cli  # noqa: F401  (imported once, before forking)
     import clcli.train  # noqa: F401
 
     todo = mutations()[: args.limit or None]
+    if args.sample and args.sample < len(todo):
+        keep = set(random.Random(args.seed).sample(range(len(todo)), args.sample))
+        todo = [case for i, case in enumerate(todo) if i in keep]
     ctx = mp.get_context("fork")
     running: list[tuple[Any, Any, tuple, float]] = []
     results = []

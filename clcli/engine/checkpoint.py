@@ -387,6 +387,11 @@ def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return _load_tensors(Path(ckpt) / MODEL_FILE)
 
 
+def load_optimizer_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's optimizer file: ``state.<id>.<name>`` entries and the ``rng.*`` states."""
+    return _load_tensors(Path(ckpt) / OPTIM_FILE)
+
+
 def load_checkpoint(
     ckpt: Path,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:

@@ -7,7 +7,6 @@ schedules computed from the global step, checkpoints, exact resume, progress and
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -26,8 +25,10 @@ from clcli.engine import checkpoint as ckpt
 from clcli.engine.batched_views import device_views
 from clcli.engine.compiled import compile_networks
 from clcli.engine.ddp import accumulating, any_rank, data_parallel, mean_over_ranks, share_main_state
+from clcli.engine.finite import last_finite_hint, refuse_non_finite_state
 from clcli.engine.loader import CollatedBatch, ViewsDataset, epoch_loader, sample_seed, stream_loader
 from clcli.engine.loggers import RunLoggers, open_loggers
+from clcli.engine.metrics_log import cut_back, metrics_line
 from clcli.engine.optim import LossScaling, build_optimizer, set_update_kernels
 from clcli.errors import CheckpointError, TrainingError
 from clcli.methods.base import Batch, Method
@@ -228,17 +229,21 @@ class Trainer:
             "dataset_size": self.plan.dataset_size,
             "recipe_hash": self.recipe.digest(),
             "recipe": self.recipe.to_dict(),
+            "metrics_bytes": self.metrics_path.stat().st_size if self.metrics_path.is_file() else 0,
         }
 
     def save(self) -> Path:
-        """The main process writes the checkpoint; every process waits until it is complete."""
+        """The main process writes the checkpoint (never from nan or inf); every process waits until it is complete."""
         path = self.run_dir / ckpt.CKPT_DIR / f"step-{self.state.step:08d}"
+        model_state, optimizer_state = self.method.state_dict(), self.optimizer.state_dict()
+        s = self.state
+        refuse_non_finite_state(self.method, self.optimizer, model_state, optimizer_state, s.step, self.run_dir)
         if self.is_main:
             path = ckpt.save_checkpoint(
                 self.run_dir,
                 self.state.step,
-                self.method.state_dict(),
-                self.optimizer.state_dict(),
+                model_state,
+                optimizer_state,
                 self._trainer_state(),
                 keep=self.recipe.trainer.keep_checkpoints,
             )
@@ -263,6 +268,8 @@ class Trainer:
             elapsed=state["elapsed"],
             skipped_files=set(state.get("skipped_bad_files", [])),
         )
+        if self.is_main:  # what was logged after this checkpoint is logged again as the run continues
+            cut_back(self.metrics_path, self.state.step, state.get("metrics_bytes"))
 
     # ---------------------------------------------------------------------------------- loop
     def _to_batch(self, cb: CollatedBatch) -> Batch:
@@ -278,17 +285,16 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if self.is_main:
             with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(metrics_line(record))
         self.loggers.log(record)
         self.state.history.append(record)
 
     def _check_finite(self, bad: torch.Tensor) -> None:
         if any_rank(bad):
-            last = ckpt.latest_checkpoint(self.run_dir)
-            hint = f"; the last good checkpoint is {last}" if last else ""
             raise TrainingError(
                 f"the loss became non-finite (nan or inf) at or before step {self.state.step}; stopped without "
-                f"saving{hint}. Try a lower optim.lr, trainer.precision=fp32 or a gradient clip (optim.grad_clip)."
+                f"saving; {last_finite_hint(self.run_dir)}. Try a lower optim.lr, trainer.precision=fp32 or a "
+                "gradient clip (optim.grad_clip)."
             )
 
     def _batches(self) -> Any:
