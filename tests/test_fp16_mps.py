@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -82,3 +84,24 @@ def test_the_fp16_step_scales_the_loss_and_unscales_before_the_step(tmp_path, mo
     assert order == ["unscale", "step"] * 3
     assert scales[0] == 65536.0 and all(b in (a, a / 2) for a, b in zip(scales, scales[1:], strict=False))
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, params, strict=True))
+
+
+def test_an_fp16_run_resumes_with_its_loss_scale(tmp_path, monkeypatch):
+    monkeypatch.setattr(assemble, "resolve_precision", lambda requested, device: (requested, None))
+    recipe = tiny_recipe("simclr", "trainer.precision=fp16", "trainer.steps=5")
+    stages = prepare_training(recipe, tmp_path / "run", show_progress=False)
+    start = {
+        "scale": 1024.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 2000,
+        "_growth_tracker": 0,
+    }
+    stages.trainer.scaling.load_state_dict(start)  # not GradScaler's initial 65536, so a restart would show
+    assert stages.trainer.fit(stop_after=3)["interrupted"]
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "step-00000003" / "trainer.json").read_text())
+    assert saved["grad_scaler"]["scale"] == 1024.0 and saved["grad_scaler"]["_growth_tracker"] == 3
+    resumed = prepare_training(recipe, tmp_path / "run", resume=True, show_progress=False).trainer.scaling.scaler
+    assert resumed.get_scale() == 1024.0 and resumed.state_dict()["_growth_tracker"] == 3
+    plain = prepare_training(tiny_recipe("simclr"), tmp_path / "fp32", show_progress=False).trainer
+    assert plain.scaling.state_dict() is None and plain._trainer_state()["grad_scaler"] is None

@@ -169,6 +169,15 @@ class LossScaling:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """The scaler's state (its scale and growth counter: JSON numbers) for a checkpoint; None without fp16."""
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict`'s state on resume (a checkpoint without one leaves the initial scale)."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
     def step(self, optimizer: Optimizer) -> None:
         if self.scaler is None:
             optimizer.step()

@@ -230,6 +230,7 @@ class Trainer:
             "recipe_hash": self.recipe.digest(),
             "recipe": self.recipe.to_dict(),
             "metrics_bytes": self.metrics_path.stat().st_size if self.metrics_path.is_file() else 0,
+            "grad_scaler": self.scaling.state_dict(),  # fp16's loss scale (None otherwise)
         }
 
     def save(self) -> Path:
@@ -256,6 +257,7 @@ class Trainer:
             self.method.load_state_dict(model, strict=True)
             self.optimizer.load_state_dict(opt)
             set_update_kernels(self.optimizer, self.device)  # the checkpoint's are those of the device it came from
+            self.scaling.load_state_dict(state.get("grad_scaler"))
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {path} does not fit this recipe's model: {exc}") from None
         ckpt.set_rng_state(rng, state["rng"])
