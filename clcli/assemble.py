@@ -64,7 +64,7 @@ def build_method(recipe: Recipe, plan: Any, source: ImageSource | StreamSource, 
     num_classes = len(source.classes) if source.classes else (int(labels.max()) + 1 if labels is not None else None)
     ctx = BuildContext(
         recipe=recipe,
-        build_backbone=lambda: build_backbone(recipe.model.backbone),
+        build_backbone=lambda: build_backbone(recipe.model.backbone, pretrained=True),
         dataset_size=len(source) if isinstance(source, ImageSource) else None,
         num_classes=num_classes,
         steps_per_epoch=plan.steps_per_epoch,

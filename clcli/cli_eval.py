@@ -24,13 +24,29 @@ from clcli.cli_options import (
     TrustOpt,
     command_group,
 )
-from clcli.cli_print import print_embed, print_knn, print_linear, print_retrieval
+from clcli.cli_print import print_embed, print_knn, print_linear, print_retrieval, print_trained
 from clcli.cli_report import check_data_spec, command_console, user_errors
 
 eval_app = command_group(
-    "Evaluate a trained run (or a pretrained CLIP file) on frozen features: weighted kNN, a linear probe, "
-    "or retrieval (recall@K, mAP)."
+    "Evaluate a trained run (or a pretrained CLIP file): weighted kNN, a linear probe (L-BFGS or the papers' SGD "
+    "protocol) and retrieval (recall@K, mAP) on frozen features, or fine-tuning with a fraction of the labels."
 )
+
+EpochsOpt = Annotated[
+    int | None, typer.Option("--epochs", help="SGD protocols: passes over the training images [default: the recipe's].")
+]
+LrOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--lr", help="SGD protocols: learning rate at batch 256, scaled by batch/256 [default: the recipe's]."
+    ),
+]
+BatchOpt = Annotated[
+    int | None, typer.Option("--batch-size", help="SGD protocols: images per step [default: the recipe's].")
+]
+WeightDecayOpt = Annotated[
+    float | None, typer.Option("--weight-decay", help="SGD protocols: weight decay [default: the recipe's].")
+]
 
 
 @eval_app.command("knn")
@@ -113,20 +129,75 @@ def eval_linear(
     features: FeaturesOpt = None,
     train_limit: TrainLimitOpt = None,
     test_limit: TestLimitOpt = None,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            "--protocol",
+            help="lbfgs: logistic regression on pre-extracted features (fast); sgd: the papers' protocol, a linear "
+            "layer trained with SGD on augmented images (settings: the recipe's eval.linear_sgd).",
+        ),
+    ] = "lbfgs",
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchOpt = None,
+    weight_decay: WeightDecayOpt = None,
     output: OutputOpt = None,
     allow_code: AllowCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Linear probe: logistic regression (L-BFGS) on frozen, pre-extracted features.
+    """Linear evaluation on frozen features: the L-BFGS probe (default) or the papers' SGD protocol.
 
-    The L2 strength is chosen from the recipe's eval.linear_l2 on a held-out part of the training
-    split, then the classifier is refit on the whole split and scored on the test split.
+    --protocol lbfgs: logistic regression on pre-extracted features; the L2 strength is chosen from
+    the recipe's eval.linear_l2 on a held-out part of the training split, then the classifier is
+    refit on the whole split and scored on the test split (RUN/eval/linear.json).
+    --protocol sgd: a linear layer trained with momentum SGD and a cosine schedule on features of
+    training images randomly cropped and flipped every epoch, 100 epochs by default (the recipe's
+    eval.linear_sgd; --epochs, --lr, --batch-size, --weight-decay override it), the encoder frozen
+    (RUN/eval/linear-sgd.json).
     Like `eval knn`, it also takes a pretrained CLIP file: --checkpoint FILE --data SPEC.
     """
-    from clcli.evaluate.protocols import linear_eval
+    from clcli.errors import ClcliError
     from clcli.trust import allowing_code
 
     check_data_spec(data)
+    if protocol not in ("lbfgs", "sgd"):
+        raise ClcliError(f"--protocol must be 'lbfgs' or 'sgd', got {protocol!r}")
+    if protocol == "sgd":
+        from clcli.evaluate.linear_sgd import linear_sgd_eval
+
+        with allowing_code(allow_code):
+            result = linear_sgd_eval(
+                run,
+                checkpoint=checkpoint,
+                trust_torchscript=trust_torchscript,
+                activation=activation,
+                layout=import_from,
+                trust_pickle=trust_pickle,
+                data=data,
+                train_split=train_split,
+                test_split=test_split,
+                features=features,
+                train_limit=train_limit,
+                test_limit=test_limit,
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                weight_decay=weight_decay,
+                output=output,
+                console=command_console(as_json),
+                show_progress=not as_json,
+            )
+        print_trained(result, as_json)
+        return
+    given = [
+        f
+        for f, v in (("--epochs", epochs), ("--lr", lr), ("--batch-size", batch_size), ("--weight-decay", weight_decay))
+        if v is not None
+    ]
+    if given:
+        raise ClcliError(f"{', '.join(given)} set the SGD protocol: add --protocol sgd (the L-BFGS probe has none)")
+    from clcli.evaluate.protocols import linear_eval
+
     with allowing_code(allow_code):
         result = linear_eval(
             run,
@@ -146,6 +217,89 @@ def eval_linear(
             show_progress=not as_json,
         )
     print_linear(result, as_json)
+
+
+@eval_app.command("finetune")
+@user_errors
+def eval_finetune(
+    run: EvalRunOpt = None,
+    checkpoint: EvalCkptOpt = None,
+    trust_torchscript: TrustOpt = False,
+    activation: ActivationOpt = "quick_gelu",
+    import_from: FromOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    data: DataOpt = None,
+    train_split: TrainSplitOpt = None,
+    test_split: TestSplitOpt = None,
+    labels: Annotated[
+        float | None,
+        typer.Option(
+            "--labels",
+            help="Fine-tune on this fraction of the training labels (e.g. 0.01 or 0.1), a class-balanced subset "
+            "drawn once with the recipe seed and saved [default: all labels].",
+        ),
+    ] = None,
+    labels_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels-file",
+            help="The label subset's file: read when it exists, written otherwise "
+            "[default: RUN/eval/labels-<pct>pct.json; beside --output for a file].",
+        ),
+    ] = None,
+    train_limit: TrainLimitOpt = None,
+    test_limit: TestLimitOpt = None,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            help="Where to write the JSON result [default: RUN/eval/finetune.json, or finetune-<pct>pct.json with "
+            "--labels; none for a file].",
+        ),
+    ] = None,
+    allow_code: AllowCodeOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tuning: the whole encoder with a new linear layer, trained on (a fraction of) the labels.
+
+    SimCLR's semi-supervised protocol: Nesterov SGD with a cosine schedule on training images randomly
+    cropped and flipped, no weight decay, 60 epochs with 1 % of the labels and 30 otherwise (the
+    recipe's eval.finetune; --epochs, --lr, --batch-size, --weight-decay override it), then top-1 and
+    top-5 on the test split. The run's checkpoint is not changed. Like `eval knn`, it also takes a
+    file: --checkpoint FILE --data SPEC.
+    """
+    from clcli.evaluate.finetune import finetune_eval
+    from clcli.trust import allowing_code
+
+    check_data_spec(data)
+    with allowing_code(allow_code):
+        result = finetune_eval(
+            run,
+            checkpoint=checkpoint,
+            trust_torchscript=trust_torchscript,
+            activation=activation,
+            layout=import_from,
+            trust_pickle=trust_pickle,
+            data=data,
+            train_split=train_split,
+            test_split=test_split,
+            labels=labels,
+            labels_file=labels_file,
+            train_limit=train_limit,
+            test_limit=test_limit,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            weight_decay=weight_decay,
+            output=output,
+            console=command_console(as_json),
+            show_progress=not as_json,
+        )
+    print_trained(result, as_json)
 
 
 @eval_app.command("retrieval")

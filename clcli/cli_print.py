@@ -77,6 +77,27 @@ def print_linear(result: dict[str, Any], as_json: bool) -> None:
     _written(console, result)
 
 
+def print_trained(result: dict[str, Any], as_json: bool) -> None:
+    """A trained protocol's result (linear SGD, fine-tuning): top-1 and top-5 with its settings."""
+    if as_json:
+        _json(result)
+        return
+    console = _out()
+    s = result["settings"]
+    what = "linear (SGD)" if result["protocol"] == "linear" else "fine-tuning"
+    if result.get("label_fraction") is not None:
+        what += f" on {result['label_fraction']:g} of the labels"
+    console.print(
+        f"{what} ({result['n_train']} train / {result['n_test']} test images, {s['epochs']} epochs, batch "
+        f"{s['batch_size']}, lr {s['lr']:g}): top-1 [bold]{result['top1']:.4f}[/]  top-5 {result['top5']:.4f}  "
+        f"(last epoch's train top-1 {result['train_top1']:.4f})"
+    )
+    subset = result.get("label_subset")
+    if subset and subset.get("file"):
+        console.print(f"label subset {subset['subset']} {escape(subset['file'])} ({subset['images']} images)")
+    _written(console, result)
+
+
 def print_retrieval(result: dict[str, Any], as_json: bool) -> None:
     """A retrieval result: recall@K and mAP, with the numbers of queries and gallery images."""
     if as_json:

@@ -28,6 +28,7 @@ from clcli.errors import CheckpointError, ClcliError
 from clcli.fsio import atomic_output, check_output_file
 from clcli.methods.base import Method
 from clcli.models.backbones import build_backbone
+from clcli.models.timm_backbone import timm_metadata
 from clcli.recipe import BackboneConfig, Recipe
 from clcli.registry import METHODS
 from clcli.runs import load_run
@@ -55,6 +56,7 @@ def encoder_payload(recipe: Recipe, method: Method, ckpt_path: Path) -> tuple[di
         "feature_dim": str(feature_dim),
         "checkpoint": str(ckpt_path),
         "extra": json.dumps(method.extra_metadata()),
+        **timm_metadata(recipe.model.backbone),
     }
     return tensors, meta
 

@@ -1,5 +1,9 @@
 """Which precision (and memory format) a run really uses on the device it runs on.
 
+``trainer.precision: fp16`` autocasts to float16 and scales the loss (``torch.amp.GradScaler``) so
+that small gradients do not underflow: the mixed precision of GPUs without bf16 arithmetic (T4,
+V100; Micikevicius et al. 2018, arXiv:1710.03740).  It is a CUDA precision, refused elsewhere.
+
 ``trainer.precision: bf16`` is a speed choice: on a GPU, and on CPUs with bf16 instructions
 (AVX512-BF16, AMX), bf16 autocast runs matrix work several times faster than fp32.  On a CPU
 without them PyTorch emulates bf16, and the same work runs tens of times *slower* than fp32, so a
@@ -22,6 +26,7 @@ import time
 
 import torch
 
+from clcli.errors import RecipeError
 from clcli.recipe import Precision, Recipe
 
 
@@ -44,7 +49,16 @@ def cpu_bf16_is_fast() -> bool:
 
 
 def resolve_precision(requested: Precision, device: torch.device) -> tuple[Precision, str | None]:
-    """The precision to use for ``requested`` on ``device``, and why it differs (None if it does not)."""
+    """The precision to use for ``requested`` on ``device``, and why it differs (None if it does not).
+
+    ``fp16`` (autocast to float16 with a gradient scaler, for GPUs without bf16 such as the T4 and
+    V100) is a CUDA precision: on any other device it is a :class:`RecipeError`.
+    """
+    if requested == "fp16" and device.type != "cuda":
+        raise RecipeError(
+            f"trainer.precision fp16 needs a CUDA GPU (float16 autocast with a gradient scaler, for GPUs without "
+            f"bf16 such as the T4 and V100); this run is on the {device.type}: use trainer.precision=fp32 (or bf16)"
+        )
     if requested == "bf16" and device.type == "cpu" and not cpu_bf16_is_fast():
         return "fp32", (
             "this CPU has no native bf16 arithmetic: emulated bf16 runs many times slower than fp32, "
@@ -65,8 +79,13 @@ def with_precision(recipe: Recipe, precision: Precision) -> Recipe:
 
 
 def use_bf16(requested: str, device: torch.device) -> bool:
-    """Whether bf16 autocast should be on for ``requested`` precision on ``device``."""
-    return resolve_precision(requested, device)[0] == "bf16"
+    """Whether bf16 autocast should be on for ``requested`` precision on ``device`` (never for fp16)."""
+    return requested == "bf16" and resolve_precision("bf16", device)[0] == "bf16"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a training ``precision`` (resolved for its device); None for fp32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def use_channels_last(setting: bool | str, device: torch.device) -> bool:

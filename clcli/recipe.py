@@ -48,6 +48,7 @@ from clcli.recipe_checks import (
     increasing,
     ordered,
 )
+from clcli.recipe_eval import FinetuneConfig, LinearSgdConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -210,7 +211,7 @@ class ViewsConfig(StrictModel):
 
 # -------------------------------------------------------------------------------------- model
 class BackboneConfig(StrictModel):
-    """The encoder.  ``name`` is a registered backbone: resnet18, resnet34, resnet50, vit, convnet."""
+    """The encoder.  ``name``: resnet18, resnet34, resnet50, vit, convnet, a plug-in's, or timm:NAME."""
 
     name: str = "resnet18"
     cifar_stem: bool = Field(True, description="ResNet: 3x3 stride-1 first conv and no max-pool (for 32 px)")
@@ -228,6 +229,9 @@ class BackboneConfig(StrictModel):
     heads: int = Field(3, ge=1)
     mlp_ratio: float = Field(4.0, gt=0, le=1024)
     frozen_patch_embed: bool = Field(False, description="vit: keep the random patch projection fixed (MoCo v3)")
+    pretrained_file: str | None = Field(
+        None, description="weights a run starts from (safetensors or weights-only torch)"
+    )
 
     @model_validator(mode="after")
     def _vit_shape(self) -> BackboneConfig:
@@ -319,7 +323,7 @@ class OptimConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------ trainer
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class TrainerConfig(StrictModel):
@@ -348,7 +352,7 @@ class TrainerConfig(StrictModel):
         "format (clcli.precision.use_channels_last)",
     )
     compile: bool = Field(False, description="torch.compile the method's networks (the first steps compile them)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = Field(2, ge=1)
@@ -388,6 +392,8 @@ class EvalConfig(StrictModel):
     )
     linear_val_fraction: float = Field(0.1, gt=0, lt=1)
     linear_max_iter: int = Field(200, ge=1, le=100_000)
+    linear_sgd: LinearSgdConfig = Field(default_factory=LinearSgdConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
 
 class Recipe(StrictModel):

@@ -202,7 +202,9 @@ def cross_section_problems(recipe: Any, method_cfg: Any, method_cls: Any) -> lis
 
     out: list[tuple[str, str]] = []
     backbone = recipe.model.backbone
-    if not method_cfg.own_backbone and backbone.name not in BACKBONES:
+    if not method_cfg.own_backbone and backbone.name.startswith("timm:"):
+        out += timm_name_problems(backbone.name)
+    elif not method_cfg.own_backbone and backbone.name not in BACKBONES:
         out.append(
             ("model.backbone.name", f"unknown backbone {backbone.name!r}; available: {', '.join(BACKBONES.names())}")
         )
@@ -223,6 +225,18 @@ def cross_section_problems(recipe: Any, method_cfg: Any, method_cls: Any) -> lis
         why = f"bank needs a method with a memory bank (instdisc); {method_cfg.name} has none"
         out.append(("eval.features", f"{why} (use backbone or embedding)"))
     return out + method_cfg.recipe_problems(recipe.model_copy(update={"method": method_cfg}))
+
+
+def timm_name_problems(name: str) -> list[tuple[str, str]]:
+    """A problem at ``model.backbone.name`` when ``timm:NAME`` names no timm architecture (or timm is missing)."""
+    try:
+        import timm
+    except ImportError:
+        return [("model.backbone.name", f"{name} needs timm, which is not installed: pip install 'clcli[timm]'")]
+    arch = name.removeprefix("timm:")
+    if not timm.is_model(arch):
+        return [("model.backbone.name", f"timm has no architecture {arch!r} (see timm.list_models())")]
+    return []
 
 
 _WORDS = {1: "one", 2: "two"}

@@ -19,6 +19,7 @@ LAYERS = [
     ("clcli.errors", 0),
     ("clcli.recipe", 0),
     ("clcli.recipe_checks", 0),
+    ("clcli.recipe_eval", 0),
     ("clcli.overrides", 0),
     ("clcli.registry", 0),
     ("clcli.precision", 0),

@@ -81,4 +81,4 @@ def test_with_precision_returns_a_validated_copy_and_leaves_the_recipe_alone():
     overridden = validate_recipe(apply_overrides(recipe.to_dict(), ["trainer.precision=fp32"]))
     assert changed.to_dict() == overridden.to_dict() and changed.digest() == overridden.digest()
     with pytest.raises(ValidationError):
-        precision.with_precision(recipe, "fp16")  # type: ignore[arg-type]
+        precision.with_precision(recipe, "fp8")  # type: ignore[arg-type]

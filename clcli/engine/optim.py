@@ -146,3 +146,41 @@ def build_optimizer(
         eta=cfg.lars_eta,
         nesterov=cfg.nesterov,
     )
+
+
+class LossScaling:
+    """fp16's loss scaling (``torch.amp.GradScaler``; Micikevicius et al. 2018, arXiv:1710.03740), and
+    plain backward and step for every other precision.
+
+    With ``trainer.precision: fp16`` the loss is multiplied by a scale before the backward pass so
+    that small float16 gradients do not underflow; :meth:`unscale` divides the gradients back (before
+    the method's hooks and the gradient clip see them), and :meth:`step` skips a step whose gradients
+    hold an inf or nan and then lowers the scale.  Otherwise the three calls are ``backward()``,
+    nothing and ``optimizer.step()``.
+    """
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def unscale(self, optimizer: Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The scaler's state (its scale and growth counter: JSON numbers) for a checkpoint; None without fp16."""
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict`'s state on resume (a checkpoint without one leaves the initial scale)."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+    def step(self, optimizer: Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()

@@ -29,10 +29,10 @@ from clcli.engine.finite import last_finite_hint, refuse_non_finite_state
 from clcli.engine.loader import CollatedBatch, ViewsDataset, epoch_loader, sample_seed, stream_loader
 from clcli.engine.loggers import RunLoggers, open_loggers
 from clcli.engine.metrics_log import cut_back, metrics_line
-from clcli.engine.optim import build_optimizer, set_update_kernels
+from clcli.engine.optim import LossScaling, build_optimizer, set_update_kernels
 from clcli.errors import CheckpointError, TrainingError
 from clcli.methods.base import Batch, Method
-from clcli.precision import use_channels_last
+from clcli.precision import autocast_dtype, use_channels_last
 from clcli.recipe import Recipe
 from clcli.schedules import RunPlan
 from clcli.views import declared_view_names, normalize_batch
@@ -166,6 +166,7 @@ class Trainer:
         if recipe.trainer.compile:
             compile_networks(self.method)
         self.optimizer = build_optimizer(method.param_groups(), recipe.optim, plan.peak_lr, device)
+        self.scaling = LossScaling(recipe.trainer.precision, device)  # fp16's gradient scaler; plain otherwise
         # what a training step calls: the method, or DDP around it when several processes train
         self.step_module = data_parallel(
             self.method,
@@ -229,6 +230,7 @@ class Trainer:
             "recipe_hash": self.recipe.digest(),
             "recipe": self.recipe.to_dict(),
             "metrics_bytes": self.metrics_path.stat().st_size if self.metrics_path.is_file() else 0,
+            "grad_scaler": self.scaling.state_dict(),  # fp16's loss scale (None otherwise)
         }
 
     def save(self) -> Path:
@@ -255,6 +257,7 @@ class Trainer:
             self.method.load_state_dict(model, strict=True)
             self.optimizer.load_state_dict(opt)
             set_update_kernels(self.optimizer, self.device)  # the checkpoint's are those of the device it came from
+            self.scaling.load_state_dict(state.get("grad_scaler"))
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {path} does not fit this recipe's model: {exc}") from None
         ckpt.set_rng_state(rng, state["rng"])
@@ -400,15 +403,13 @@ class Trainer:
         """One micro-batch: the method's loss under the run's precision, backward at 1/accumulate."""
         r, s = self.recipe, self.state
         acc = r.trainer.accumulate
-        autocast_dtype = torch.bfloat16 if r.trainer.precision == "bf16" else None
+        autocast_to = autocast_dtype(r.trainer.precision)
         # DDP averages the gradients in the last micro-batch's backward pass only
         with accumulating(self.step_module, last_micro_batch):
-            with torch.autocast(
-                self.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-            ):
+            with torch.autocast(self.device.type, dtype=autocast_to or torch.float32, enabled=autocast_to is not None):
                 out = self.step_module(batch, s.step)
             loss = out.loss
-            (loss / acc).backward()
+            self.scaling.backward(loss / acc)
         detached = loss.detach().float()
         live.bad |= ~torch.isfinite(detached)
         live.loss += detached / acc
@@ -420,10 +421,11 @@ class Trainer:
     def _optimizer_step(self, live: _Interval) -> None:
         """One optimiser step on the accumulated gradient, between the method's before/after hooks."""
         s, clip = self.state, self.recipe.optim.grad_clip
+        self.scaling.unscale(self.optimizer)  # fp16: the hooks and the clip see true gradients
         self.method.before_step(s.step)
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), clip)
-        self.optimizer.step()
+        self.scaling.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step(s.step)
         s.step += 1

@@ -310,15 +310,25 @@ BUILTIN_BACKBONES: dict[str, Callable[[BackboneConfig], nn.Module]] = {
 }
 
 
-def build_backbone(cfg: BackboneConfig) -> nn.Module:
-    """A fresh backbone named by ``cfg.name``: a built-in, or one a plug-in registered in :data:`BACKBONES`.
+def build_backbone(cfg: BackboneConfig, *, pretrained: bool = False) -> nn.Module:
+    """A fresh backbone named by ``cfg.name``: a built-in, a timm architecture (``timm:NAME``,
+    :mod:`clcli.models.timm_backbone`), or one a plug-in registered in :data:`BACKBONES`.
 
-    An unknown name is a :class:`RecipeError` that lists the names available.
+    An unknown name is a :class:`RecipeError` that lists the names available.  With ``pretrained``
+    (a training run's start) the weights of ``cfg.pretrained_file`` are loaded when it names one;
+    a run's checkpoint and an export carry their own weights and rebuild without it.
     """
+    from clcli.models.timm_backbone import build_timm, is_timm, load_pretrained
+
     builder = BUILTIN_BACKBONES.get(cfg.name)
+    if is_timm(cfg.name):
+        builder = build_timm
     if builder is None:
         if cfg.name not in BACKBONES:
             allowed = ", ".join(BACKBONES.names())
             raise RecipeError(f"model.backbone.name: unknown backbone {cfg.name!r}; allowed: {allowed}")
         builder = BACKBONES.get(cfg.name)
-    return builder(cfg)
+    model = builder(cfg)
+    if pretrained and cfg.pretrained_file:
+        load_pretrained(model, cfg.pretrained_file)
+    return model
