@@ -91,8 +91,19 @@ HASH_DROPPED: tuple[tuple[str, ...], ...] = (
     ("data", "cache_budget"),
     ("data", "on_device"),
     ("trainer", "compile"),
+    # where the views are made (the batched views follow the per-sample distributions, tested)
+    ("views", "backend"),
+    # where metrics go, and the settings of evaluation protocols other than a row's kNN
+    ("trainer", "loggers"),
+    ("trainer", "wandb_project"),
+    ("trainer", "wandb_mode"),
+    ("eval", "linear_sgd"),
+    ("eval", "finetune"),
 )
-HASH_DROPPED_AT_DEFAULT: dict[tuple[str, ...], Any] = {("data", "cache_size"): None}
+HASH_DROPPED_AT_DEFAULT: dict[tuple[str, ...], Any] = {
+    ("data", "cache_size"): None,
+    ("model", "backbone", "pretrained_file"): None,
+}
 
 
 def data_name(source: str) -> str:

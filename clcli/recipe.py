@@ -49,21 +49,10 @@ from clcli.recipe_checks import (
     ordered,
 )
 from clcli.recipe_eval import FinetuneConfig, LinearSgdConfig
+from clcli.recipe_files import RECIPES_DIR, read_recipe_file, recipe_names  # noqa: F401  (public names)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _recipes_dir() -> Path:
-    """Built-in recipes: packaged as ``clcli/recipes`` when installed, ``recipes/`` in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "recipes", here.parent / "recipes"):
-        if candidate.is_dir():
-            return candidate
-    return here.parent / "recipes"
-
-
-RECIPES_DIR = _recipes_dir()
 
 
 class StrictModel(BaseModel):
@@ -465,35 +454,6 @@ def validate_recipe(raw: dict[str, Any]) -> Recipe:
     assert recipe is not None and method_cfg is not None
     recipe.method = method_cfg
     return recipe
-
-
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-
-
-def read_recipe_file(name_or_path: str | Path) -> dict[str, Any]:
-    """The raw mapping of a built-in recipe (by name) or of a YAML file (by path)."""
-    text_path = Path(name_or_path)
-    if text_path.suffix in (".yaml", ".yml") or text_path.exists():
-        path = text_path
-        if not path.is_file():
-            raise RecipeError(f"recipe file {path} does not exist")
-    else:
-        path = RECIPES_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise RecipeError(f"unknown recipe {str(name_or_path)!r}; built-in recipes: {', '.join(recipe_names())}")
-    try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
-    except OSError as exc:
-        raise RecipeError(f"cannot read the recipe file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise RecipeError(f"recipe {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {path} must be a mapping of sections")
-    raw.setdefault("name", path.stem)
-    return raw
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -21,6 +21,7 @@ LAYERS = [
     ("clcli.recipe_checks", 0),
     ("clcli.recipe_eval", 0),
     ("clcli.overrides", 0),
+    ("clcli.recipe_files", 0),
     ("clcli.registry", 0),
     ("clcli.precision", 0),
     ("clcli.fsio", 0),
