@@ -16,6 +16,7 @@ The number of examples comes from ``CLCLI_PROPERTY_EXAMPLES`` ("validated,traine
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -196,7 +197,8 @@ def outcome(name: str, path: str, value: Any, train: bool) -> str:
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, STEP_TIMEOUT_S)
     try:
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):
+            # a drawn relative path (data.cache_dir) lands in the temporary folder, not in the checkout
             pretrain(recipe, Path(folder) / "run", show_progress=False)
         return "trained"
     except ClcliError as exc:

@@ -154,6 +154,7 @@ def _one(name: str, path: str, value: Any, queue: Any) -> None:
         queue.put({"stage": "pretrain", **_cli(["recipes", "show", name, "--set", f"{path}={_yaml(value)}"])})
         return  # a long run is what was asked for: only its validation is checked
     with tempfile.TemporaryDirectory() as folder:
+        os.chdir(folder)  # a relative path a mutation names (data.cache_dir=nope) lands here, not in the checkout
         run = str(Path(folder) / "run")
         sets = [*tiny_overrides(name, "trainer.steps=1"), f"{path}={_yaml(value)}"]
         args = ["pretrain", "--recipe", name, "--out", run, "--no-progress"]
