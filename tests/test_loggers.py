@@ -158,3 +158,16 @@ def test_wandb_logs_offline_in_the_run_folder_and_keeps_its_run_on_resume(
     assert logged[-1] == (-1, {})  # the W&B run is finished when training ends
     pretrain(recipe, run, resume=True)
     assert inits[1]["id"] == inits[0]["id"] and inits[1]["resume"] == "allow"
+
+
+def test_a_missing_tensorboard_is_one_readable_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    monkeypatch.setattr(loggers, "installed", lambda package: package != "tensorboard")
+    console = Console(record=True, width=200)
+    opened = loggers.open_loggers(tiny_recipe("simclr"), tmp_path, start_step=0, enabled=True, console=console)
+    text = console.export_text()
+    # the extra and the list keep their brackets (printed without rich markup), and nothing is written
+    assert "pip install 'clcli[report]'" in text and "trainer.loggers=[jsonl]" in text
+    assert not (tmp_path / "tensorboard").exists()
+    opened.close()

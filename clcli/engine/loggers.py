@@ -155,9 +155,11 @@ def open_loggers(
         if installed("tensorboard"):
             writers.append(_TensorBoard(Path(run_dir), start_step))
         elif console is not None:
-            console.print(
-                "tensorboard is not installed: no TensorBoard event files for this run "
-                "(pip install 'clcli[report]', or --set 'trainer.loggers=[jsonl]' to silence this)"
+            console.print(  # markup off: the brackets are the extra's and the list's, not rich styles
+                "note: tensorboard is not installed: no TensorBoard event files for this run "
+                "(pip install 'clcli[report]', or --set 'trainer.loggers=[jsonl]' to silence this)",
+                markup=False,
+                style="dim",
             )
     if "wandb" in names:
         writers.append(_Wandb(recipe, Path(run_dir)))
