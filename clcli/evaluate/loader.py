@@ -74,6 +74,21 @@ class Loaded:
         return self.run_dir / "eval" / f"{protocol}.json" if self.run_dir is not None else None
 
 
+def load_for_result(
+    protocol: str, run_dir: Path | None, checkpoint: Path | None, output: Path | None, **options: Any
+) -> tuple[Loaded, Path | None]:
+    """:func:`load_model` for an evaluation that writes ``RUN/eval/<protocol>.json`` (or ``output``): an
+    explicit ``output`` is checked before the model loads, the default one just after; ``options`` go to
+    :func:`load_model`. Returns the loaded model and the result path (None for a file without ``output``)."""
+    from clcli.evaluate.results import check_output
+
+    check_output(output)
+    loaded = load_model(run_dir, checkpoint, **options)
+    out = loaded.default_output(protocol, output)
+    check_output(out)
+    return loaded, out
+
+
 def load_model(
     run_dir: Path | None,
     checkpoint: Path | None = None,

@@ -12,8 +12,8 @@ from clcli.errors import ClcliError
 from clcli.evaluate.features import FeatureSet, extract_features
 from clcli.evaluate.knn import knn_accuracy
 from clcli.evaluate.linear import linear_probe
-from clcli.evaluate.loader import Loaded, check_layer, load_model, open_split
-from clcli.evaluate.results import check_output, timestamp, write_result
+from clcli.evaluate.loader import Loaded, check_layer, load_for_result, open_split
+from clcli.evaluate.results import timestamp, write_result
 from clcli.methods.base import Method
 from clcli.recipe import Recipe
 
@@ -201,10 +201,11 @@ def knn_eval(
     check_limits(train_limit, test_limit)
     if k is not None and k < 1:
         raise ClcliError(f"--k must be at least 1, got {k}")
-    check_output(output)  # an explicit --output before the model loads; the default one just after
-    src = load_model(
+    src, out = load_for_result(
+        "knn",
         run_dir,
         checkpoint,
+        output,
         data=data,
         needs_data=True,
         trust_torchscript=trust_torchscript,
@@ -212,8 +213,6 @@ def knn_eval(
         layout=layout,
         trust_pickle=trust_pickle,
     )
-    out = src.default_output("knn", output)
-    check_output(out)
     k = k or src.recipe.eval.knn_k
     t = temperature or src.recipe.eval.knn_temperature
     train, test, num_classes, what = _split_features(
@@ -266,10 +265,11 @@ def linear_eval(
     if features is not None:
         check_layer(features)
     check_limits(train_limit, test_limit)
-    check_output(output)  # an explicit --output before the model loads; the default one just after
-    src = load_model(
+    src, out = load_for_result(
+        "linear",
         run_dir,
         checkpoint,
+        output,
         data=data,
         needs_data=True,
         trust_torchscript=trust_torchscript,
@@ -277,8 +277,6 @@ def linear_eval(
         layout=layout,
         trust_pickle=trust_pickle,
     )
-    out = src.default_output("linear", output)
-    check_output(out)
     recipe = src.recipe
     train, test, num_classes, what = _split_features(
         src, data, train_split, test_split, features, train_limit, test_limit, console, show_progress, allow_bank=False

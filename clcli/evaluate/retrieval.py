@@ -25,9 +25,9 @@ from rich.console import Console
 from torch import Tensor
 
 from clcli.errors import ClcliError
-from clcli.evaluate.loader import check_layer, load_model
+from clcli.evaluate.loader import check_layer, load_for_result
 from clcli.evaluate.protocols import _split_features, check_limits, skipped_counts
-from clcli.evaluate.results import check_output, timestamp, write_result
+from clcli.evaluate.results import timestamp, write_result
 from clcli.views.plain import split_progress
 
 __all__ = ["RECALL_KS", "retrieval_eval", "retrieval_scores"]
@@ -123,12 +123,16 @@ def retrieval_eval(
     if features is not None:
         _check_features(features)
     check_limits(train_limit, test_limit)
-    check_output(output)
-    src = load_model(
-        run_dir, checkpoint, data=data, needs_data=True, trust_torchscript=trust_torchscript, activation=activation
+    src, out = load_for_result(
+        "retrieval",
+        run_dir,
+        checkpoint,
+        output,
+        data=data,
+        needs_data=True,
+        trust_torchscript=trust_torchscript,
+        activation=activation,
     )
-    out = src.default_output("retrieval", output)
-    check_output(out)
     layer = _check_features(features or src.recipe.eval.features)
     gallery, queries, _, what = _split_features(
         src, data, train_split, test_split, layer, train_limit, test_limit, console, show_progress, allow_bank=False

@@ -28,8 +28,7 @@ from torchvision.transforms import v2
 
 from clcli.errors import BadImageError, ClcliError
 from clcli.evaluate.knn import scores_accuracy
-from clcli.evaluate.loader import Loaded, load_model, open_split
-from clcli.evaluate.results import check_output
+from clcli.evaluate.loader import Loaded, load_for_result, open_split
 from clcli.precision import use_bf16, use_channels_last
 from clcli.recipe import Recipe
 from clcli.schedules import cosine
@@ -355,10 +354,11 @@ def prepare(
     from clcli.evaluate.protocols import check_limits
 
     check_limits(train_limit, test_limit)
-    check_output(output)
-    loaded = load_model(
+    loaded, out = load_for_result(
+        protocol,
         run_dir,
         checkpoint,
+        output,
         data=data,
         needs_data=True,
         trust_torchscript=trust_torchscript,
@@ -366,8 +366,6 @@ def prepare(
         layout=layout,
         trust_pickle=trust_pickle,
     )
-    out = loaded.default_output(protocol, output)
-    check_output(out)
     recipe = loaded.recipe
     spec = data or recipe.data.source
     splits = (train_split or recipe.data.train_split, test_split or recipe.data.test_split)

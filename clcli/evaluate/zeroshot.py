@@ -36,8 +36,8 @@ from rich.console import Console
 from clcli.data import ImageSource
 from clcli.data.folders import ImageFiles
 from clcli.errors import ClcliError
-from clcli.evaluate.loader import load_model, open_split
-from clcli.evaluate.results import check_output, timestamp, write_result
+from clcli.evaluate.loader import load_for_result, open_split
+from clcli.evaluate.results import timestamp, write_result
 from clcli.recipe import EvalConfig, Recipe
 from clcli.text.templates import fill, load_templates
 from clcli.views.plain import encode_split
@@ -228,13 +228,17 @@ def zeroshot(
     if calibrate not in CALIBRATIONS:
         raise ClcliError(f"--calibrate must be one of {', '.join(CALIBRATIONS)}, got {calibrate!r}")
     label_list = read_labels(labels, labels_file) if (labels is not None or labels_file is not None) else None
-    check_output(output)  # an explicit --output before the model loads; the default one just after
-    loaded = load_model(
-        run_dir, checkpoint, text=True, vocab=vocab, trust_torchscript=trust_torchscript, activation=activation
+    loaded, out = load_for_result(
+        "zeroshot",
+        run_dir,
+        checkpoint,
+        output,
+        text=True,
+        vocab=vocab,
+        trust_torchscript=trust_torchscript,
+        activation=activation,
     )
     model, recipe = loaded.model, loaded.recipe
-    out = loaded.default_output("zeroshot", output)
-    check_output(out)
 
     source: ImageSource
     if images is not None:
